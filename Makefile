@@ -1,0 +1,48 @@
+# make serve   install what is missing, build the .mar, start TorchServe, wait until it answers
+# make stop    stop the TorchServe started from this folder
+# make test    the whole suite (unit + integration against a real TorchServe)
+SHELL   := /bin/bash
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+MAR     := model_store/fashion_cnn.mar
+HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
+
+.PHONY: install serve stop status test unit integration train mar bench lint clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+
+mar: $(MAR)
+$(MAR): $(STAMP) models/fashion_cnn.pt $(HANDLER)
+	$(PY) -m scripts.package
+
+serve: $(MAR)
+	$(PY) -m scripts.serve start
+
+stop: $(STAMP)
+	$(PY) -m scripts.serve stop
+
+status: $(STAMP)
+	$(PY) -m scripts.serve status
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+# Reproduce models/fashion_cnn.pt: DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
+train: $(STAMP)
+	$(PY) -m scripts.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
+	$(PY) -m scripts.export
+
+lint: $(STAMP)
+	$(PY) -m ruff check handler scripts tests
+
+clean:
+	rm -rf build model_store/*.mar logs

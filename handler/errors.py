@@ -1,0 +1,63 @@
+"""Named request errors: each maps to one HTTP status and says what to do instead.
+
+A handler answers a bad request by returning ``error.to_body()`` for that request
+alone and setting its status with ``context.set_response_status``; nothing a
+client sends may raise out of ``handle()`` (that would fail the whole batch).
+"""
+
+from __future__ import annotations
+
+
+class RequestError(Exception):
+    """Base class: ``status`` is the HTTP code, ``reason`` the metric label."""
+
+    status = 400
+    phrase = "Bad Request"
+    reason = "bad_request"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def to_body(self) -> dict:
+        return {"code": self.status, "type": self.type, "message": self.message}
+
+
+class EmptyRequest(RequestError):
+    reason = "empty"
+
+
+class InvalidImage(RequestError):
+    """Looks like a supported image format but cannot be decoded (truncated, corrupt)."""
+
+    reason = "invalid_image"
+
+
+class UnsupportedMediaType(RequestError):
+    """Not an image in any accepted raster format (text, PDF, SVG, random bytes...)."""
+
+    status = 415
+    phrase = "Unsupported Media Type"
+    reason = "unsupported_format"
+
+
+class ImageTooLarge(RequestError):
+    """Decoded size (pixels or frames) over the configured limit; checked before decoding pixels."""
+
+    status = 413
+    phrase = "Payload Too Large"
+    reason = "too_large"
+
+
+class InvalidJSON(RequestError):
+    reason = "invalid_json"
+
+
+class InvalidOption(RequestError):
+    """A per-request option (top_k, tta) has a value outside what is accepted."""
+
+    reason = "invalid_option"

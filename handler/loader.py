@@ -1,0 +1,86 @@
+"""Load the TorchScript model and its spec once per worker, and size the worker's threads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handler.inference import check_model
+from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec, SpecError
+
+logger = logging.getLogger(__name__)
+
+# handler: keys in model-config.yaml that configure the worker rather than the spec.
+WORKER_KEYS = ("threads",)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(setting: Any, workers: int) -> int:
+    """``threads: auto`` gives each worker an equal share of the cores (at least 1)."""
+    if setting in (None, "auto"):
+        return max(1, cpu_count() // max(1, workers))
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
+        return setting
+    raise SpecError(f"handler.threads must be 'auto' or a positive integer; got {setting!r}")
+
+
+def read_model(path: Path, model_dir: Path | None = None) -> tuple[torch.jit.ScriptModule, ModelSpec, dict]:
+    """Load a TorchScript file with its spec (and reference, if any) from its extra files.
+
+    A spec.json / reference.json next to the model (inside the archive) is used when
+    the TorchScript file carries none, so any scripted classifier can be served by
+    packaging a spec beside it.
+    """
+    extra = {SPEC_FILENAME: "", REFERENCE_FILENAME: ""}
+    model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    texts = {}
+    for name, value in extra.items():
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        side = (model_dir or path.parent) / name
+        if not text and side.is_file():
+            text = side.read_text()
+        texts[name] = text
+    if not texts[SPEC_FILENAME]:
+        raise SpecError(f"{path.name} carries no {SPEC_FILENAME} and none is packaged beside it")
+    spec = ModelSpec.from_json(texts[SPEC_FILENAME])
+    reference = json.loads(texts[REFERENCE_FILENAME]) if texts[REFERENCE_FILENAME] else {}
+    return model, spec, reference
+
+
+def load(context) -> tuple[torch.jit.ScriptModule, ModelSpec, dict, torch.device]:
+    """Everything ``initialize()`` needs, from TorchServe's context."""
+    model_dir = Path(context.system_properties["model_dir"])
+    serialized = context.manifest["model"].get("serializedFile")
+    if not serialized or not serialized.endswith(".pt"):
+        raise SpecError(f"the archive's serialized file must be a TorchScript .pt file; got {serialized!r}")
+    model, spec, reference = read_model(model_dir / serialized, model_dir)
+
+    yaml_config = getattr(context, "model_yaml_config", None) or {}
+    settings = dict(yaml_config.get("handler") or {})
+    worker_settings = {k: settings.pop(k) for k in WORKER_KEYS if k in settings}
+    spec = spec.with_overrides(settings)
+
+    workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
+    threads = resolve_threads(worker_settings.get("threads", "auto"), workers)
+    torch.set_num_threads(threads)
+
+    gpu_id = context.system_properties.get("gpu_id")
+    device = torch.device(f"cuda:{gpu_id}") if torch.cuda.is_available() and gpu_id is not None else torch.device("cpu")
+    model = model.to(device).eval()
+    check_model(model, spec, device)
+    logger.info(
+        "Loaded %s (%d classes, input %s, TTA %s, merge %s) on %s with %d thread(s)",
+        serialized, spec.num_classes, spec.input_size, list(spec.tta), spec.merge, device, threads,
+    )
+    return model, spec, reference, device

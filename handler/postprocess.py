@@ -1,0 +1,82 @@
+"""Merged probabilities -> the JSON answer a client receives."""
+
+from __future__ import annotations
+
+import torch
+
+from handler.errors import RequestError
+from handler.preprocess import DESCRIBE
+from handler.spec import ModelSpec
+
+
+def answer(probs: torch.Tensor, spec: ModelSpec, top_k: int, n_views: int) -> dict:
+    """One image's answer.
+
+    ``confidence`` is the merged (temperature-scaled) probability of the top class;
+    ``uncertain`` is true when it is below ``spec.threshold``.
+    """
+    values, indices = torch.topk(probs, k=top_k)
+    ranked = [
+        {"label": spec.class_names[i], "class_index": i, "probability": round(float(p), 6)}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
+    best = ranked[0]
+    confidence = float(values[0])
+    return {
+        "label": best["label"],
+        "class_index": best["class_index"],
+        "confidence": round(confidence, 6),
+        "uncertain": confidence < spec.threshold,
+        "top_k": ranked,
+        "tta_views": int(n_views),
+    }
+
+
+def explanation(view_probs: torch.Tensor, view_names: tuple[str, ...], spec: ModelSpec) -> list[dict]:
+    """Per-view breakdown for /explanations: what each TTA view predicted on its own."""
+    out = []
+    for name, probs in zip(view_names, view_probs):
+        p, i = torch.max(probs, dim=-1)
+        out.append({"view": name, "label": spec.class_names[int(i)], "class_index": int(i), "probability": round(float(p), 6)})
+    return out
+
+
+def describe(spec: ModelSpec, version: str | None) -> dict:
+    """The answer to a describe request: what this model expects and how it is served."""
+    return {
+        "model": spec.name,
+        "version": version,
+        "classes": list(spec.class_names),
+        "input": {
+            "size": list(spec.input_size),
+            "channels": spec.channels,
+            "resize": spec.resize,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "background": list(spec.background),
+        },
+        "tta": {"views": list(spec.tta), "merge": spec.merge},
+        "threshold": spec.threshold,
+        "top_k": spec.top_k,
+        "limits": {"max_pixels": spec.limits.max_pixels, "max_frames": spec.limits.max_frames,
+                   "max_instances": spec.limits.max_instances},
+    }
+
+
+def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: str | None):
+    """(status, phrase, body) for one request of the batch.
+
+    ``slot`` is the preprocess stage's output for the request and ``result`` the
+    inference stage's (a list of ImageResult when the request was prepared).
+    """
+    if isinstance(slot, RequestError):
+        return slot.status, slot.phrase, slot.to_body()
+    if slot == DESCRIBE:
+        return 200, "OK", describe(spec, version)
+    answers = []
+    for image, options in zip(result, slot.options):
+        body = answer(image.probs, spec, options.top_k or spec.top_k, image.n_views)
+        if slot.explain:
+            body["views"] = explanation(image.view_probs, view_names[: image.n_views], spec)
+        answers.append(body)
+    return 200, "OK", answers if slot.is_list else answers[0]

@@ -1,0 +1,241 @@
+"""Image bytes -> normalised tensor, exactly as training's eval transform does it.
+
+``image_to_tensor(img, spec)`` is THE preprocessing function: training's eval
+dataset calls it on PIL images built from IDX arrays and the handler calls it on
+decoded uploads, so the two cannot drift apart.  ``decode_image`` is the
+hardened front half used for untrusted bytes: it enforces the pixel and frame
+limits from the image header before any pixel is decoded and turns every
+decoder failure into a named 4xx error.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from handler.errors import EmptyRequest, ImageTooLarge, InvalidImage, RequestError, UnsupportedMediaType
+from handler.request import Options, parse_request
+from handler.spec import Limits, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# Raster formats Pillow may decode here.  Restricting the list keeps exotic
+# decoders (EPS via Ghostscript, PSD, ...) away from untrusted input.
+Image.init()
+ACCEPTED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)
+ACCEPTED_HUMAN = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _describe_bytes(data: bytes) -> str:
+    head = data[:512].lstrip()
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    lowered = head.lower()
+    if b"<svg" in lowered or (lowered.startswith(b"<?xml") and b"svg" in data[:4096].lower()):
+        return "an SVG drawing (vector images are not decoded; rasterise it first)"
+    if lowered.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    if head.startswith((b"{", b"[")):
+        return "JSON"
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return "unrecognised binary data"
+    if all(ch.isprintable() or ch.isspace() for ch in text):
+        return "plain text"
+    return "unrecognised binary data"
+
+
+def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
+    """Decode untrusted bytes into a loaded PIL image (first frame), or raise a RequestError."""
+    if not data:
+        raise EmptyRequest(
+            "The request has no image. Send the image bytes as the request body, as a multipart "
+            'field "data", "file" or "image", or as JSON {"image": "<base64>"}.'
+        )
+    with warnings.catch_warnings():
+        # Pillow warns (instead of raising) between MAX_IMAGE_PIXELS and twice that.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLarge(f"The image is too large to decode safely ({exc}).") from None
+        except Image.UnidentifiedImageError:
+            raise UnsupportedMediaType(
+                f"The data is not an image in an accepted format (it looks like {_describe_bytes(data)}). "
+                f"Accepted formats: {ACCEPTED_HUMAN}."
+            ) from None
+        except Exception as exc:  # any decoder failure on untrusted bytes is the client's bad image
+            raise InvalidImage(f"The image could not be read: {exc}. Send a complete {ACCEPTED_HUMAN} file.") from None
+
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise InvalidImage(f"The image has no pixels ({width}x{height}).")
+        if width * height > limits.max_pixels:
+            raise ImageTooLarge(
+                f"The image is {width}x{height} = {width * height:,} pixels; the limit is "
+                f"{limits.max_pixels:,} pixels. Downscale it before sending."
+            )
+        try:
+            frames = getattr(img, "n_frames", 1)
+            if frames > limits.max_frames:
+                raise ImageTooLarge(
+                    f"The image has {frames} frames; the limit is {limits.max_frames}. "
+                    "Send a single frame or a shorter animation."
+                )
+            if frames > 1:
+                img.seek(0)  # animated images are classified on their first frame
+            img.load()
+        except ImageTooLarge:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLarge(f"The image is too large to decode safely ({exc}).") from None
+        except Exception as exc:
+            raise InvalidImage(
+                f"The {img.format} image is corrupt or truncated ({exc}). Send the complete file."
+            ) from None
+    return img
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # a broken EXIF block must not cost the client its answer
+        logger.warning("Ignoring unreadable EXIF orientation: %s", exc)
+        return img
+
+
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer, and float, grayscale -> 8-bit 'L'.
+
+    Integer images are scaled by their container's range (16-bit: /257); 32-bit
+    integer images whose values fit 0..255 are kept as they are.  Float images
+    with values in [0, 1] are scaled to 0..255; other float images are clipped
+    to 0..255.  NaN becomes 0.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        arr = arr.astype(np.float32) / 257.0
+    elif img.mode == "I":
+        arr = arr.astype(np.float64)
+        peak = float(arr.max(initial=0))
+        if peak > 65535:
+            arr = arr * (255.0 / peak)
+        elif peak > 255:
+            arr = arr / 257.0
+    else:  # "F"
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_model_mode(img: Image.Image, spec: ModelSpec) -> Image.Image:
+    """Upright the image and convert any Pillow mode to 'L' or 'RGB' as the spec asks.
+
+    Transparent pixels are composited onto ``spec.background`` (not dropped), so a
+    transparent PNG looks like the training data's background.
+    """
+    img = _exif_upright(img)
+    target = "L" if spec.channels == 1 else "RGB"
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _high_depth_to_8bit(img)
+    has_alpha = img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        bg = spec.background if len(spec.background) == 3 else spec.background * 3
+        base = Image.new("RGBA", img.size, (*bg, 255))
+        img = Image.alpha_composite(base, img.convert("RGBA"))
+    if img.mode != target:
+        img = img.convert(target)
+    return img
+
+
+def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
+    """Bring the image to ``spec.input_size`` with the spec's policy (bilinear, antialiased)."""
+    height, width = spec.input_size
+    w, h = img.size
+    if (w, h) == (width, height):
+        return img
+    if spec.resize == "stretch":
+        return img.resize((width, height), Image.BILINEAR)
+    if spec.resize == "crop":
+        short, long_ = (w, h) if w <= h else (h, w)
+        new_short, new_long = spec.resize_size, max(1, int(spec.resize_size * long_ / short))
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+        top = int(round((new_h - height) / 2.0))
+        left = int(round((new_w - width) / 2.0))
+        return img.crop((left, top, left + width, top + height))
+    # "pad": fit inside the input size keeping the aspect ratio, centre on the background.
+    scale = min(width / w, height / h)
+    new_w, new_h = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
+    fitted = img.resize((new_w, new_h), Image.BILINEAR)
+    fill = spec.background[0] if spec.channels == 1 else tuple(spec.background)
+    canvas = Image.new(img.mode, (width, height), fill)
+    canvas.paste(fitted, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
+    """8-bit 'L'/'RGB' image of the input size -> float32 tensor (C, H, W), normalised."""
+    arr = np.array(img, dtype=np.uint8, copy=True)
+    tensor = torch.from_numpy(arr)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    tensor = tensor.to(torch.float32).div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std).contiguous()
+
+
+def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
+    """The one preprocessing path shared by training (eval transform) and serving."""
+    return to_tensor(resize(to_model_mode(img, spec), spec), spec)
+
+
+def bytes_to_tensor(data: bytes, spec: ModelSpec) -> torch.Tensor:
+    """Untrusted bytes -> model input tensor, or a RequestError naming the problem."""
+    img = decode_image(data, spec.limits)
+    try:
+        return image_to_tensor(img, spec)
+    except Exception as exc:  # a decodable image Pillow still cannot convert is the client's
+        raise InvalidImage(f"The {img.format} image in mode {img.mode} could not be converted: {exc}.") from None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that parsed and decoded: its tensors, options, and how to answer it."""
+
+    tensors: list[torch.Tensor]
+    options: list[Options]
+    is_list: bool  # {"instances": [...]}: answer with a list
+    explain: bool  # /explanations: add the per-view breakdown
+
+
+DESCRIBE = "describe"  # a request carrying the describe header: answered with the model's description
+
+
+def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | RequestError | str:
+    """One request -> Prepared, the RequestError to answer it with, or DESCRIBE. Never raises RequestError."""
+    if headers.get("describe", "").lower() == "true":
+        return DESCRIBE
+    try:
+        parsed = parse_request(item, headers, spec.num_classes, spec.limits.max_instances)
+        tensors = []
+        for i, data in enumerate(parsed.images):
+            try:
+                tensors.append(bytes_to_tensor(data, spec))
+            except RequestError as exc:
+                if parsed.is_list:
+                    exc.message = f"instances[{i}]: {exc.message}"
+                raise
+    except RequestError as exc:
+        return exc
+    return Prepared(tensors, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true")

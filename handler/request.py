@@ -1,0 +1,197 @@
+"""One TorchServe request -> the image bytes it carries and its per-request options.
+
+TorchServe hands the handler, per request, a dict of parameters: ``body`` for a
+raw body, one key per multipart field, with ``bytes``/``bytearray`` values, or an
+already-parsed ``dict``/``list`` when the Content-Type is exactly
+``application/json``.  Query strings never arrive, so options come from headers
+(``X-Top-K``, ``X-TTA``, any case), multipart fields (``top_k``, ``tta``) or JSON
+fields (``top_k``, ``tta``); a field in the body wins over a header.
+
+Accepted shapes:
+
+- raw image bytes, with any or no Content-Type
+- multipart field ``data``, ``file`` or ``image``
+- JSON ``{"image": "<base64 or data:image/...;base64,...>", "top_k": 3, "tta": true}``
+- JSON ``{"instances": [{"image": ...}, ...]}``: answered with a list, in order
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from handler.errors import EmptyRequest, InvalidJSON, InvalidOption, RequestError, UnsupportedMediaType
+
+IMAGE_FIELDS = ("data", "file", "image", "body")
+TTA_VALUES = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
+_JSON_HINT = "Send JSON as {\"image\": \"<base64 or data: URL>\", \"top_k\": 3, \"tta\": true} or {\"instances\": [...]}."
+
+
+class InvalidBase64(RequestError):
+    reason = "invalid_base64"
+
+
+@dataclass(frozen=True)
+class Options:
+    top_k: int | None = None  # None: the spec's default
+    tta: bool | None = None  # None: the spec's policy (on)
+
+    def merged(self, other: Options) -> Options:
+        """``other``'s values where set, else ours (body fields over headers)."""
+        return Options(
+            top_k=other.top_k if other.top_k is not None else self.top_k,
+            tta=other.tta if other.tta is not None else self.tta,
+        )
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    images: list[bytes]
+    options: list[Options]  # one per image
+    is_list: bool  # {"instances": [...]}: answer with a list
+
+
+def normalise_headers(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """Lower-case header names; drop TorchServe's per-parameter content-type entries."""
+    return {str(k).lower(): v for k, v in (raw or {}).items() if isinstance(v, str)}
+
+
+def parse_top_k(value: Any, num_classes: int, where: str) -> int:
+    if isinstance(value, bool):
+        value = None  # True is an int in Python; it is not a valid top_k
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 1 <= value <= num_classes:
+        raise InvalidOption(f"{where} must be an integer from 1 to {num_classes}; got {value_repr(value, where)}.")
+    return value
+
+
+def value_repr(value: Any, where: str) -> str:
+    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(bytes(value))
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_tta_text(value: str, where: str) -> bool:
+    key = value.strip().lower()
+    if key not in TTA_VALUES:
+        raise InvalidOption(f"{where} must be one of {', '.join(TTA_VALUES)}; got {value_repr(value, where)}.")
+    return TTA_VALUES[key]
+
+
+def header_options(headers: Mapping[str, str], num_classes: int) -> Options:
+    top_k = headers.get("x-top-k")
+    tta = headers.get("x-tta")
+    return Options(
+        top_k=parse_top_k(top_k, num_classes, "Header X-Top-K") if top_k is not None else None,
+        tta=parse_tta_text(tta, "Header X-TTA") if tta is not None else None,
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def form_options(item: Mapping[str, Any], num_classes: int) -> Options:
+    top_k, tta = item.get("top_k"), item.get("tta")
+    return Options(
+        top_k=parse_top_k(_text(top_k), num_classes, 'Field "top_k"') if top_k is not None else None,
+        tta=parse_tta_text(_text(tta), 'Field "tta"') if tta is not None else None,
+    )
+
+
+def json_options(obj: Mapping[str, Any], num_classes: int, where: str) -> Options:
+    top_k = obj.get("top_k")
+    tta = obj.get("tta")
+    if tta is not None and not isinstance(tta, bool):
+        raise InvalidOption(f'{where}"tta" must be true or false; got {value_repr(tta, "tta")}.')
+    return Options(
+        top_k=parse_top_k(top_k, num_classes, f'{where}"top_k"') if top_k is not None else None,
+        tta=tta,
+    )
+
+
+def decode_base64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidJSON(f'{where}"image" must be a base64 string or a data: URL; got {type(value).__name__}.')
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    text = "".join(text.split())  # line breaks from MIME-style encoders
+    if not text:
+        raise EmptyRequest(f'{where}"image" is empty. Put the base64-encoded image bytes there.')
+    text += "=" * (-len(text) % 4)
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    try:
+        return base64.b64decode(text, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(
+            f'{where}"image" is not valid base64. Encode the image file bytes with standard or URL-safe '
+            "base64, optionally prefixed with data:image/...;base64,"
+        ) from None
+
+
+def _image_object(obj: Any, num_classes: int, where: str) -> tuple[bytes, Options]:
+    if not isinstance(obj, dict):
+        raise InvalidJSON(f"{where or 'The JSON body'} must be an object; got {type(obj).__name__}. {_JSON_HINT}")
+    if "image" not in obj:
+        raise InvalidJSON(f'{where or "The JSON body"} has no "image" field (it has {sorted(obj)[:8]}). {_JSON_HINT}')
+    return decode_base64(obj["image"], where), json_options(obj, num_classes, where)
+
+
+def parse_json(doc: Any, num_classes: int, max_instances: int) -> tuple[list[bytes], list[Options], bool]:
+    if isinstance(doc, dict) and "instances" in doc:
+        instances = doc["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise InvalidJSON('"instances" must be a non-empty list of {"image": ...} objects.')
+        if len(instances) > max_instances:
+            raise InvalidJSON(f'"instances" holds {len(instances)} items; the limit is {max_instances}. Split the request.')
+        parsed = [_image_object(obj, num_classes, f"instances[{i}]: ") for i, obj in enumerate(instances)]
+        return [p[0] for p in parsed], [p[1] for p in parsed], True
+    image, options = _image_object(doc, num_classes, "")
+    return [image], [options], False
+
+
+def _looks_like_json(data: bytes) -> bool:
+    return data[:1] in (b"{", b"[") or data.lstrip()[:1] in (b"{", b"[")
+
+
+def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_classes: int, max_instances: int) -> ParsedRequest:
+    """Find the image(s) and options of one request; raise a RequestError if it is malformed."""
+    base = header_options(headers, num_classes)
+    payload = next((item[k] for k in IMAGE_FIELDS if item.get(k) is not None), None)
+    if payload is None and headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
+        raise UnsupportedMediaType(
+            "The body was sent as application/x-www-form-urlencoded (curl -d/--data-binary does this by "
+            "default), so TorchServe split it into form fields and the image bytes are lost. Send the file "
+            "with -H 'Content-Type: application/octet-stream' (or curl -T image.png), as multipart "
+            "(-F data=@image.png), or as JSON."
+        )
+    if payload is None:
+        fields = [k for k in item if k not in ("top_k", "tta")]
+        if len(fields) == 1:  # a multipart upload under another field name
+            payload = item[fields[0]]
+    if payload is None:
+        raise EmptyRequest(
+            "The request has no image. Send the image bytes as the request body, as a multipart "
+            'field "data", "file" or "image", or as JSON {"image": "<base64>"}.'
+        )
+    base = base.merged(form_options(item, num_classes))
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    if isinstance(payload, (bytes, bytearray)) and _looks_like_json(payload):
+        try:
+            payload = json.loads(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidJSON(f"The body starts like JSON but is not valid JSON ({exc}). {_JSON_HINT}") from None
+    if isinstance(payload, (dict, list)):
+        images, options, is_list = parse_json(payload, num_classes, max_instances)
+        return ParsedRequest(images, [base.merged(o) for o in options], is_list)
+    if not isinstance(payload, (bytes, bytearray)):
+        raise InvalidJSON(f"The JSON body must be an object; got {type(payload).__name__}. {_JSON_HINT}")
+    return ParsedRequest([bytes(payload)], [base], False)

@@ -1,0 +1,73 @@
+"""TorchServe entry point: a thin BaseHandler; each stage lives in its own module.
+
+- ``handler.request`` / ``handler.preprocess``: request -> image bytes + options -> tensor
+- ``handler.inference``: all TTA views of the whole batch in one forward pass
+- ``handler.postprocess``: merged probabilities -> JSON answer
+- ``handler.metrics``: prediction-quality and per-stage metrics
+
+``handle()`` is overridden so that a bad request is answered alone (its own 4xx,
+never an exception that fails the batch) and so that ``describe`` / ``explain``
+headers act on their own request rather than on the whole batch.
+"""
+
+import json
+import time
+
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.inference import Policy, infer
+from handler.loader import load
+from handler.metrics import QualityMetrics
+from handler.postprocess import render
+from handler.preprocess import prepare
+from handler.request import normalise_headers
+
+
+class TTAClassifierHandler(BaseHandler):
+    def initialize(self, context):
+        self.model, self.spec, self.reference, self.device = load(context)
+        self.policy = Policy.from_spec(self.spec)
+        self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
+        self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
+        self.initialized = True
+
+    def handle(self, data, context):
+        self.context = context
+        t0 = time.perf_counter()
+        slots = self.preprocess(data)
+        t1 = time.perf_counter()
+        results = self.inference(slots)
+        t2 = time.perf_counter()
+        output = self.postprocess(list(zip(slots, results)))
+        t3 = time.perf_counter()
+        self.quality.stages({"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2})
+        return output
+
+    def preprocess(self, data):
+        return [
+            prepare(item, normalise_headers(self.context.get_all_request_header(idx)), self.spec)
+            for idx, item in enumerate(data)
+        ]
+
+    def inference(self, data, *args, **kwargs):
+        return infer(self.model, data, self.policy, self.device)
+
+    def postprocess(self, data):
+        output, labels, confidences, rejected = [], [], [], []
+        uncertain = disagree = 0
+        for idx, (slot, result) in enumerate(data):
+            status, phrase, body = render(slot, result, self.spec, self.policy.names, self.version)
+            self.context.set_response_status(status, phrase, idx)
+            self.context.set_response_content_type(idx, "application/json")
+            output.append(json.dumps(body))
+            if status != 200:
+                rejected.append(slot.reason)
+            elif isinstance(result, list):
+                for image, item in zip(result, body if isinstance(body, list) else [body]):
+                    labels.append(item["label"])
+                    confidences.append(item["confidence"])
+                    uncertain += item["uncertain"]
+                    disagree += image.disagree
+        self.quality.predictions(labels, confidences, uncertain, disagree)
+        self.quality.rejected(rejected)
+        return output

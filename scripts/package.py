@@ -1,0 +1,86 @@
+"""Package a TorchScript classifier and the handler into a .mar with torch-model-archiver.
+
+    python -m scripts.package                                   # models/fashion_cnn.pt -> model_store/fashion_cnn.mar
+    python -m scripts.package --model my.pt --spec my_spec.json --name mynet --version 2.0
+
+The archive holds the model (``.pt``), the handler entry point, the ``handler``
+package (shipped with ``--extra-files``), ``spec.json`` / ``reference.json``
+(copied out of the model, or ``--spec``), and ``model-config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from handler.loader import read_model
+from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
+from scripts.data import REPO
+
+HANDLER_DIR = REPO / "handler"
+ENTRY_POINT = HANDLER_DIR / "tta_classifier.py"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=REPO / "models" / "fashion_cnn.pt", help="TorchScript file (.pt)")
+    p.add_argument("--spec", type=Path, default=None, help="spec.json for a model that carries none")
+    p.add_argument("--name", default="fashion_cnn")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--config", type=Path, default=HANDLER_DIR / "model-config.yaml")
+    p.add_argument("--export-path", type=Path, default=REPO / "model_store")
+    p.add_argument("--archive-name", default=None, help="file name without .mar (default: --name)")
+    return p
+
+
+def archiver() -> str:
+    local = Path(sys.executable).parent / "torch-model-archiver"
+    return str(local) if local.exists() else shutil.which("torch-model-archiver") or "torch-model-archiver"
+
+
+def main(args: argparse.Namespace) -> Path:
+    if args.model.suffix != ".pt":
+        raise SystemExit(f"{args.model}: TorchServe loads TorchScript only from a file ending in .pt")
+    stage = REPO / "build" / "package" / (args.archive_name or args.name)
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "extra").mkdir(parents=True)
+    # The handler package travels as a folder: torch-model-archiver copies the
+    # *contents* of an --extra-files folder, so stage it one level down.
+    shutil.copytree(HANDLER_DIR, stage / "extra" / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.yaml"))
+    if args.spec:
+        spec = ModelSpec.from_json(args.spec.read_text())  # validate before packaging
+        (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
+    else:
+        _, spec, reference = read_model(args.model)
+        (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
+        if reference:
+            import json
+
+            (stage / "extra" / REFERENCE_FILENAME).write_text(json.dumps(reference))
+    args.export_path.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        archiver(),
+        "--model-name", args.name,
+        "--version", args.version,
+        "--serialized-file", str(args.model),
+        "--handler", str(ENTRY_POINT),
+        "--extra-files", str(stage / "extra"),
+        "--config-file", str(args.config),
+        "--export-path", str(args.export_path),
+        "--archive-format", "default",
+        "--force",
+    ]
+    subprocess.run(cmd, check=True)
+    produced = args.export_path / f"{args.name}.mar"
+    target = args.export_path / f"{args.archive_name or args.name}.mar"
+    if produced != target:
+        produced.replace(target)
+    print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB): {spec.name} v{args.version}, TTA {list(spec.tta)}")
+    return target
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the project needs: Java 17 (only where `java` is missing) and a
+# .venv with the pinned Python stack from pyproject.toml. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if ! command -v java >/dev/null 2>&1; then
+    echo "java not found: installing openjdk-17-jre-headless (TorchServe's frontend runs on Java 17)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openjdk-17-jre-headless
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+mkdir -p build
+# Dependencies live in one place: pyproject.toml ([project] + the dev extra).
+"$VENV/bin/python" - > build/requirements.txt <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+PY
+echo "installing the pinned stack into $VENV (torch, torchvision, torchserve, ...)"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r build/requirements.txt
+touch "$VENV/.installed"
