@@ -41,6 +41,10 @@ train: $(STAMP)
 	$(PY) -m scripts.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
 	$(PY) -m scripts.export
 
+# Benchmarks (results: docs/benchmarks.md). Installs `hey` from Debian if missing.
+bench: $(STAMP) $(MAR)
+	$(PY) -m scripts.bench $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check handler scripts tests
 

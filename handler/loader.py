@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def read_model(path: Path, model_dir: Path | None = None) -> tuple[torch.jit.Scr
     packaging a spec beside it.
     """
     extra = {SPEC_FILENAME: "", REFERENCE_FILENAME: ""}
-    model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     texts = {}
     for name, value in extra.items():
         text = value.decode("utf-8") if isinstance(value, bytes) else value

@@ -59,6 +59,7 @@ class TTAClassifierHandler(BaseHandler):
             status, phrase, body = render(slot, result, self.spec, self.policy.names, self.version)
             self.context.set_response_status(status, phrase, idx)
             self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_header(idx, "X-Model-Version", self.version)
             output.append(json.dumps(body))
             if status != 200:
                 rejected.append(slot.reason)

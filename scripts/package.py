@@ -11,9 +11,11 @@ package (shipped with ``--extra-files``), ``spec.json`` / ``reference.json``
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from handler.loader import read_model
@@ -44,8 +46,11 @@ def archiver() -> str:
 def main(args: argparse.Namespace) -> Path:
     if args.model.suffix != ".pt":
         raise SystemExit(f"{args.model}: TorchServe loads TorchScript only from a file ending in .pt")
-    stage = REPO / "build" / "package" / (args.archive_name or args.name)
-    shutil.rmtree(stage, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="package-") as tmp:
+        return _package(args, Path(tmp))
+
+
+def _package(args: argparse.Namespace, stage: Path) -> Path:
     (stage / "extra").mkdir(parents=True)
     # The handler package travels as a folder: torch-model-archiver copies the
     # *contents* of an --extra-files folder, so stage it one level down.
@@ -57,8 +62,6 @@ def main(args: argparse.Namespace) -> Path:
         _, spec, reference = read_model(args.model)
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
         if reference:
-            import json
-
             (stage / "extra" / REFERENCE_FILENAME).write_text(json.dumps(reference))
     args.export_path.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -74,6 +77,7 @@ def main(args: argparse.Namespace) -> Path:
         "--force",
     ]
     subprocess.run(cmd, check=True)
+    # torch-model-archiver names the file after --model-name; rename for side-by-side versions.
     produced = args.export_path / f"{args.name}.mar"
     target = args.export_path / f"{args.archive_name or args.name}.mar"
     if produced != target:

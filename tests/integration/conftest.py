@@ -1,0 +1,26 @@
+"""A session-wide real TorchServe, started from the shipped config.properties (token auth on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.server import Server, make_server
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    srv = make_server(tmp_path_factory.mktemp("torchserve"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client

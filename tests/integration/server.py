@@ -1,0 +1,119 @@
+"""Run a real TorchServe (Java frontend + Python workers) for the integration tests.
+
+The server is started from the shipped ``config.properties`` with only what must
+differ for a test run rewritten: free loopback ports, an absolute model store
+and metrics config, and a private working directory and TMPDIR (TorchServe keeps
+its pid file and worker sockets in TMPDIR, so a test server never touches a
+server started by ``make serve``). Token authorization stays as shipped: on.
+It is stopped with ``torchserve --stop`` under the same TMPDIR.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts.tsclient import TorchServeClient, read_properties, wait_ready
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "ankle_boot.png"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def write_config(workdir: Path, model_store: Path, overrides: dict[str, str] | None = None) -> Path:
+    """The shipped config.properties with ports, paths (and ``overrides``) rewritten."""
+    inf, mgmt, met = free_ports(3)
+    replace = {
+        "inference_address": f"http://127.0.0.1:{inf}",
+        "management_address": f"http://127.0.0.1:{mgmt}",
+        "metrics_address": f"http://127.0.0.1:{met}",
+        "model_store": str(model_store),
+        "metrics_config": str(REPO / "metrics.yaml"),
+        **(overrides or {}),
+    }
+    lines, seen = [], set()
+    for line in (REPO / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in replace:
+            line, _ = f"{key}={replace[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in replace.items() if k not in seen]
+    path = workdir / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Server:
+    workdir: Path
+    config: Path
+    model_store: Path
+    client: TorchServeClient
+
+    @property
+    def env(self) -> dict:
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "PATH": path}
+
+    def properties(self) -> dict[str, str]:
+        return read_properties(self.config)
+
+    def start(self, model: str = "fashion_cnn", deadline_s: float = 240.0) -> dict:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torchserve"), "--start", "--ts-config", str(self.config), "--ncs"],
+            cwd=self.workdir, env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        try:
+            return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s)
+        except Exception:
+            print(self.log_tail(), file=sys.stderr)
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torchserve"), "--stop"],
+            cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=120,
+        )
+
+    def log_tail(self, name: str = "model_log.log", lines: int = 40) -> str:
+        log = self.workdir / "logs" / name
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else f"(no {log})"
+
+
+def build_store(store: Path, archives: list[dict] | None = None) -> Path:
+    """Package archives into ``store`` with scripts.package; default: the shipped model as fashion_cnn.mar."""
+    from scripts import package
+
+    store.mkdir(parents=True, exist_ok=True)
+    for spec in archives or [{}]:
+        args = package.get_args_parser().parse_args([])
+        args.export_path = store
+        for key, value in spec.items():
+            setattr(args, key, value)
+        package.main(args)
+    return store
+
+
+def make_server(workdir: Path, overrides: dict[str, str] | None = None, archives: list[dict] | None = None) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = build_store(workdir / "model_store", archives)
+    config = write_config(workdir, store, overrides)
+    client = TorchServeClient.from_config(config, workdir)
+    return Server(workdir, config, store, client)
