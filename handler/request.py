@@ -161,6 +161,26 @@ def _looks_like_json(data: bytes) -> bool:
     return data[:1] in (b"{", b"[") or data.lstrip()[:1] in (b"{", b"[")
 
 
+def _json_scalar(payload: Any, headers: Mapping[str, str]) -> str | None:
+    """What a body sent as application/json holds when it is a JSON string, number or literal, else None.
+
+    TorchServe hands a JSON string over as ``str`` (exactly ``application/json``) or
+    leaves the bytes alone (``application/json; charset=...``); either would otherwise
+    be read as image bytes and answered 415.  Image bytes mislabelled as JSON stay images.
+    """
+    if not headers.get("content-type", "").lower().startswith("application/json"):
+        return None
+    if isinstance(payload, str):
+        return "a string"
+    if not isinstance(payload, (bytes, bytearray)) or not payload.strip() or _looks_like_json(payload):
+        return None
+    try:
+        doc = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return "a string" if isinstance(doc, str) else json.dumps(doc)[:20]
+
+
 def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_classes: int, max_instances: int) -> ParsedRequest:
     """Find the image(s) and options of one request; raise a RequestError if it is malformed."""
     base = header_options(headers, num_classes)
@@ -172,6 +192,8 @@ def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_class
             "with -H 'Content-Type: application/octet-stream' (or curl -T image.png), as multipart "
             "(-F data=@image.png), or as JSON."
         )
+    if payload is None and "body" in item:  # TorchServe parsed an application/json body of `null`
+        raise InvalidJSON(f"The JSON body must be an object; got null. {_JSON_HINT}")
     if payload is None:
         fields = [k for k in item if k not in ("top_k", "tta")]
         if len(fields) == 1:  # a multipart upload under another field name
@@ -182,6 +204,9 @@ def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_class
             'field "data", "file" or "image", or as JSON {"image": "<base64>"}.'
         )
     base = base.merged(form_options(item, num_classes))
+    scalar = _json_scalar(payload, headers)
+    if scalar is not None:
+        raise InvalidJSON(f"The JSON body must be an object; got {scalar}. {_JSON_HINT}")
     if isinstance(payload, str):
         payload = payload.encode("utf-8")
     if isinstance(payload, (bytes, bytearray)) and _looks_like_json(payload):
