@@ -233,9 +233,11 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
             try:
                 tensors.append(bytes_to_tensor(data, spec))
             except RequestError as exc:
+                if parsed.from_json and isinstance(exc, UnsupportedMediaType):  # the JSON body itself was fine
+                    exc = InvalidImage(f'"image" holds valid base64, but {exc.message[0].lower()}{exc.message[1:]}')
                 if parsed.is_list:
                     exc.message = f"instances[{i}]: {exc.message}"
-                raise
+                raise exc from None
     except RequestError as exc:
         return exc
     return Prepared(tensors, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true")

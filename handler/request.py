@@ -55,6 +55,7 @@ class ParsedRequest:
     images: list[bytes]
     options: list[Options]  # one per image
     is_list: bool  # {"instances": [...]}: answer with a list
+    from_json: bool = False  # the images came base64-encoded in a JSON body
 
 
 def normalise_headers(raw: Mapping[str, Any] | None) -> dict[str, str]:
@@ -216,7 +217,7 @@ def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_class
             raise InvalidJSON(f"The body starts like JSON but is not valid JSON ({exc}). {_JSON_HINT}") from None
     if isinstance(payload, (dict, list)):
         images, options, is_list = parse_json(payload, num_classes, max_instances)
-        return ParsedRequest(images, [base.merged(o) for o in options], is_list)
+        return ParsedRequest(images, [base.merged(o) for o in options], is_list, from_json=True)
     if not isinstance(payload, (bytes, bytearray)):
         raise InvalidJSON(f"The JSON body must be an object; got {type(payload).__name__}. {_JSON_HINT}")
     return ParsedRequest([bytes(payload)], [base], False)
