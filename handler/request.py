@@ -76,7 +76,10 @@ def parse_top_k(value: Any, num_classes: int, where: str) -> int:
 
 
 def value_repr(value: Any, where: str) -> str:
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(bytes(value))
+    try:
+        text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(bytes(value))
+    except (ValueError, TypeError, RecursionError):  # nested deeper than json.dumps can go here
+        text = f"a nested {type(value).__name__}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -177,7 +180,7 @@ def _json_scalar(payload: Any, headers: Mapping[str, str]) -> str | None:
         return None
     try:
         doc = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):
         return None
     return "a string" if isinstance(doc, str) else json.dumps(doc)[:20]
 
@@ -213,7 +216,7 @@ def parse_request(item: Mapping[str, Any], headers: Mapping[str, str], num_class
     if isinstance(payload, (bytes, bytearray)) and _looks_like_json(payload):
         try:
             payload = json.loads(bytes(payload).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also: integers over 4300 digits, nesting too deep
             raise InvalidJSON(f"The body starts like JSON but is not valid JSON ({exc}). {_JSON_HINT}") from None
     if isinstance(payload, (dict, list)):
         images, options, is_list = parse_json(payload, num_classes, max_instances)
