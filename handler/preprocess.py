@@ -55,6 +55,19 @@ def _describe_bytes(data: bytes) -> str:
     return "unrecognised binary data"
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+)
+
+
+def _signature(data: bytes) -> str | None:
+    """The accepted format whose magic bytes ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
 def _bomb(exc: Exception, limits: Limits) -> ImageTooLarge:
     found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow: "Image size (N pixels) exceeds limit of ..."
     size = f"{int(found.group(1)):,} pixels" if found else "more pixels than can be decoded safely"
@@ -80,8 +93,15 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise _bomb(exc, limits) from None
         except Image.UnidentifiedImageError:
+            looks_like = _describe_bytes(data)
+            started = _signature(data) if looks_like == "unrecognised binary data" else None
+            if started:
+                raise InvalidImage(
+                    f"The data starts like a {started} file, but its header is truncated or corrupt. "
+                    "Send the complete file."
+                ) from None
             raise UnsupportedMediaType(
-                f"The data is not an image in an accepted format (it looks like {_describe_bytes(data)}). "
+                f"The data is not an image in an accepted format (it looks like {looks_like}). "
                 f"Accepted formats: {ACCEPTED_HUMAN}."
             ) from None
         except Exception as exc:  # any decoder failure on untrusted bytes is the client's bad image
