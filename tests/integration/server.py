@@ -5,7 +5,9 @@ differ for a test run rewritten: free loopback ports, an absolute model store
 and metrics config, and a private working directory and TMPDIR (TorchServe keeps
 its pid file and worker sockets in TMPDIR, so a test server never touches a
 server started by ``make serve``). Token authorization stays as shipped: on.
-It is stopped with ``torchserve --stop`` under the same TMPDIR.
+It is stopped with ``torchserve --stop`` under the same TMPDIR. The gRPC ports
+and the JVM's java.io.tmpdir (where worker sockets live) are private too, so
+several test servers can run side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from scripts.tsclient import TorchServeClient, read_properties, wait_ready
 
@@ -36,13 +40,20 @@ def free_ports(n: int) -> list[int]:
 
 def write_config(workdir: Path, model_store: Path, overrides: dict[str, str] | None = None) -> Path:
     """The shipped config.properties with ports, paths (and ``overrides``) rewritten."""
-    inf, mgmt, met = free_ports(3)
+    inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
+    tmp = workdir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    shipped = read_properties(REPO / "config.properties")
     replace = {
         "inference_address": f"http://127.0.0.1:{inf}",
         "management_address": f"http://127.0.0.1:{mgmt}",
         "metrics_address": f"http://127.0.0.1:{met}",
+        "grpc_inference_port": str(grpc_inf),
+        "grpc_management_port": str(grpc_mgmt),
         "model_store": str(model_store),
         "metrics_config": str(REPO / "metrics.yaml"),
+        # The frontend puts worker sockets (.ts.sock.<port>) in java.io.tmpdir: keep them private.
+        "vmargs": f"{shipped.get('vmargs', '')} -Djava.io.tmpdir={tmp}".strip(),
         **(overrides or {}),
     }
     lines, seen = [], set()
@@ -79,10 +90,12 @@ class Server:
             [str(Path(sys.executable).parent / "torchserve"), "--start", "--ts-config", str(self.config), "--ncs"],
             cwd=self.workdir, env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
+        pid = int((self.workdir / "tmp" / ".model_server.pid").read_text())
         try:
-            return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s)
+            return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s,
+                              alive=lambda: psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
         except Exception:
-            print(self.log_tail(), file=sys.stderr)
+            print(self.log_tail("ts_log.log"), self.log_tail(), sep="\n", file=sys.stderr)
             self.stop()
             raise
 

@@ -65,3 +65,59 @@ def test_options_by_header_multipart_and_json(client):
 def test_answers_name_the_model_version(client):
     resp = client.predict("fashion_cnn", EXAMPLE.read_bytes())
     assert resp.headers.get("X-Model-Version") == "1.0"
+
+
+def test_concurrent_requests_share_batches_and_a_garbage_one_fails_alone(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted((EXAMPLE.parent).glob("*.png"))
+    payloads = [files[i % len(files)].read_bytes() for i in range(15)]
+    alone = {i: client.predict("fashion_cnn", payloads[i]).json() for i in range(len(files))}
+    payloads.insert(7, b"\x89PNG\r\n\x1a\n garbage that claims to be a PNG")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda d: client.predict("fashion_cnn", d, check=False), payloads))
+    assert [r.status_code for r in responses].count(200) == 15
+    bad = responses[7]
+    assert bad.status_code == 400 and bad.json()["type"] == "InvalidImage"
+    for i, resp in enumerate(r for j, r in enumerate(responses) if j != 7):
+        assert resp.json() == alone[i % len(files)]
+
+
+def test_scaling_to_three_workers_and_back(client):
+    def ready(entry):
+        return [w for w in entry["workers"] if w["status"] == "READY"]
+
+    before = client.describe("fashion_cnn")[0]
+    try:
+        client.scale("fashion_cnn", 3)
+        after = client.describe("fashion_cnn")[0]
+        assert len(ready(after)) == 3 and after["minWorkers"] == 3 and after["maxWorkers"] == 3
+        assert client.predict("fashion_cnn", EXAMPLE.read_bytes()).json()["label"] == "Ankle boot"
+    finally:
+        client.scale("fashion_cnn", before["minWorkers"])
+    restored = client.describe("fashion_cnn")[0]
+    assert len(ready(restored)) == before["minWorkers"] == 2
+
+
+def test_custom_metrics_are_published_on_the_metrics_endpoint(client):
+    from scripts.tsclient import parse_prometheus
+
+    client.predict("fashion_cnn", EXAMPLE.read_bytes())
+    client.predict("fashion_cnn", b"", check=False)
+    names = {name for name, _, _ in parse_prometheus(client.metrics_text())}
+    for metric in ("PredictionsPerLabel", "UncertainPredictions", "RejectedRequests"):
+        assert metric in names or metric == "UncertainPredictions", metric
+    assert {"TopConfidence_bucket", "TopConfidence_count", "StageLatency_bucket"} <= names
+
+
+def test_http_accuracy_on_the_held_out_split_equals_offline_accuracy(client, holdout, tmp_path):
+    from scripts.eval_http import REPO, accuracy, holdout_pngs, http_predictions, offline_predictions
+    from tests.conftest import DATA
+
+    pngs, labels = holdout_pngs(DATA)
+    for tta in (False, True):
+        offline = offline_predictions(REPO / "models" / "fashion_cnn.pt", pngs, tta)
+        online = http_predictions(client, "fashion_cnn", pngs, tta, concurrency=8)
+        assert [p["class_index"] for p in online] == [p["class_index"] for p in offline]
+        assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(online, offline)) < 1e-4
+        assert accuracy(online, labels) == accuracy(offline, labels) > 0.85
