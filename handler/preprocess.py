@@ -105,6 +105,11 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
                 f"Accepted formats: {ACCEPTED_HUMAN}."
             ) from None
         except Exception as exc:  # any decoder failure on untrusted bytes is the client's bad image
+            started = _signature(data)
+            if started:
+                raise InvalidImage(
+                    f"The data starts like a {started} file, but it is truncated or corrupt ({exc}). Send the complete file."
+                ) from None
             raise InvalidImage(f"The image could not be read: {exc}. Send a complete {ACCEPTED_HUMAN} file.") from None
 
         width, height = img.size
