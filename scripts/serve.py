@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from scripts.tsclient import REPO, ApiError, TorchServeClient, wait_ready
+import psutil
+
+from scripts.tsclient import REPO, ApiError, TorchServeClient, read_properties, wait_ready
 
 EXAMPLE = REPO / "examples" / "ankle_boot.png"
 
@@ -33,6 +37,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 def torchserve() -> str:
     local = Path(sys.executable).parent / "torchserve"
     return str(local) if local.exists() else shutil.which("torchserve") or "torchserve"
+
+
+def server_pid() -> int | None:
+    """The frontend's pid, from the pid file torchserve --start writes into the temp dir."""
+    try:
+        return int((Path(tempfile.gettempdir()) / ".model_server.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def busy_ports(config: Path) -> list[str]:
+    """Ports in config.properties (REST and gRPC) that something already listens on."""
+    props = read_properties(config)
+    wanted = {
+        "inference_address": props.get("inference_address", "http://127.0.0.1:8080").rsplit(":", 1)[-1],
+        "management_address": props.get("management_address", "http://127.0.0.1:8081").rsplit(":", 1)[-1],
+        "metrics_address": props.get("metrics_address", "http://127.0.0.1:8082").rsplit(":", 1)[-1],
+        "grpc_inference_port": props.get("grpc_inference_port", "7070"),
+        "grpc_management_port": props.get("grpc_management_port", "7071"),
+    }
+    busy = []
+    for name, port in wanted.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", int(port)))
+            except OSError:
+                busy.append(f"port {port} ({name})")
+    return busy
 
 
 def answers(client: TorchServeClient, model: str) -> bool:
@@ -69,18 +102,27 @@ def start(args) -> int:
     if answers(client, args.model):
         print(how_to_call(client, args.model, client.predict(args.model, EXAMPLE.read_bytes()).json()))
         return 0
+    busy = busy_ports(args.config)
+    if busy:
+        print(f"error: cannot start TorchServe: {', '.join(busy)} already in use by another process. "
+              f"Stop it, or change the port in {args.config.name}.", file=sys.stderr)
+        return 1
     (REPO / "logs").mkdir(exist_ok=True)
     cmd = [torchserve(), "--start", "--ts-config", str(args.config), "--ncs"]
     print("starting:", " ".join(cmd))
-    with open(REPO / "logs" / "torchserve_start.log", "ab") as log:
+    start_log = REPO / "logs" / "torchserve_start.log"
+    with open(start_log, "ab") as log:
         subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    pid = server_pid()
     try:
-        answer = wait_ready(client, args.model, EXAMPLE.read_bytes(), deadline_s=args.timeout)
+        answer = wait_ready(client, args.model, EXAMPLE.read_bytes(), deadline_s=args.timeout,
+                            alive=lambda: pid is None or (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE))
     except (TimeoutError, RuntimeError) as exc:
-        print(f"error: {exc}\nlast lines of logs/model_log.log:", file=sys.stderr)
-        log = REPO / "logs" / "model_log.log"
-        if log.exists():
-            print("\n".join(log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        for log in (start_log, REPO / "logs" / "model_log.log"):
+            if log.exists():
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                print(f"--- last lines of {log.relative_to(REPO)}:\n{tail}", file=sys.stderr)
         return 1
     print(how_to_call(client, args.model, answer))
     return 0
