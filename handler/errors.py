@@ -61,3 +61,12 @@ class InvalidOption(RequestError):
     """A per-request option (top_k, tta) has a value outside what is accepted."""
 
     reason = "invalid_option"
+
+
+class InternalError(RequestError):
+    """A bug met while handling one request: answered 500 for that request alone, logged with
+    its traceback, so one odd upload cannot fail its batch neighbours."""
+
+    status = 500
+    phrase = "Internal Server Error"
+    reason = "internal_error"

@@ -11,16 +11,20 @@ headers act on their own request rather than on the whole batch.
 """
 
 import json
+import logging
 import time
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.errors import InternalError
 from handler.inference import Policy, infer
 from handler.loader import load
 from handler.metrics import QualityMetrics
 from handler.postprocess import render
 from handler.preprocess import prepare
 from handler.request import normalise_headers
+
+logger = logging.getLogger(__name__)
 
 
 class TTAClassifierHandler(BaseHandler):
@@ -44,10 +48,15 @@ class TTAClassifierHandler(BaseHandler):
         return output
 
     def preprocess(self, data):
-        return [
-            prepare(item, normalise_headers(self.context.get_all_request_header(idx)), self.spec)
-            for idx, item in enumerate(data)
-        ]
+        return [self._prepare_one(idx, item) for idx, item in enumerate(data)]
+
+    def _prepare_one(self, idx, item):
+        try:
+            return prepare(item, normalise_headers(self.context.get_all_request_header(idx)), self.spec)
+        except Exception:  # a bug, not a client error: isolate it to this request
+            logger.exception("Unexpected error preparing request %s", self.context.get_request_id(idx))
+            return InternalError(f"The server failed on this request (id {self.context.get_request_id(idx)}); "
+                                 "it has been logged. Other requests are unaffected.")
 
     def inference(self, data, *args, **kwargs):
         return infer(self.model, data, self.policy, self.device)

@@ -113,3 +113,20 @@ def test_quality_metrics_are_emitted_with_their_dimensions(tiny_handler, caplog)
     assert len(rejected) == 1 and "Reason:empty" in rejected[0] and "ModelName:tiny" in rejected[0]
     predicted = sum(float(line.split(":")[1].split("|")[0]) for line in lines if line.startswith("[METRICS]PredictionsPerLabel"))
     assert predicted == 2
+
+
+def test_an_unexpected_bug_on_one_request_is_isolated_to_it(tiny_handler, monkeypatch):
+    import handler.tta_classifier as module
+
+    handler, ctx = tiny_handler
+    real = module.prepare
+
+    def flaky(item, headers, spec):
+        if item.get("body") == b"trigger":
+            raise ZeroDivisionError("simulated bug")
+        return real(item, headers, spec)
+
+    monkeypatch.setattr(module, "prepare", flaky)
+    statuses, bodies = run_batch(handler, ctx, [({"body": image(9)}, {}), ({"body": b"trigger"}, {}), ({"body": image(10)}, {})])
+    assert statuses == [200, 500, 200]
+    assert bodies[1]["type"] == "InternalError" and "req-1" in bodies[1]["message"]
