@@ -9,15 +9,27 @@ once.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN_FAILED = "Token Authorization failed"
+# One lock per key file: threads sharing a key file renew it one at a time.
+_RENEW_LOCKS: dict[Path, threading.Lock] = {}
+_RENEW_LOCKS_GUARD = threading.Lock()
+
+
+def _renew_lock(path: Path) -> threading.Lock:
+    with _RENEW_LOCKS_GUARD:
+        return _RENEW_LOCKS.setdefault(path.resolve(), threading.Lock())
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -46,6 +58,22 @@ class Endpoints:
             props.get("management_address", cls.management),
             props.get("metrics_address", cls.metrics),
         )
+
+    def is_local(self) -> bool:
+        """True when the management API is on this machine (worker pids are ours to inspect)."""
+        host = urlparse(self.management).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def model_store(config: Path, workdir: Path | None = None) -> Path:
+    """The config's ``model_store``, resolved like TorchServe does (against the server's cwd)."""
+    store = Path(read_properties(config).get("model_store", "model_store"))
+    return store if store.is_absolute() else (workdir or config.parent) / store
 
 
 class ApiError(RuntimeError):
@@ -77,29 +105,48 @@ class TorchServeClient:
 
     # --- keys -------------------------------------------------------------
     def keys(self) -> dict:
-        """The key file's content, or {} when token authorization is off (no file)."""
-        try:
-            return json.loads(self.key_file.read_text())
-        except FileNotFoundError:
-            return {}
+        """The key file's content, or {} when token authorization is off (no file).
+
+        TorchServe rewrites the file in place when a key is renewed; a read that
+        lands mid-write is retried briefly.
+        """
+        for attempt in range(20):
+            try:
+                return json.loads(self.key_file.read_text())
+            except FileNotFoundError:
+                return {}
+            except ValueError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.05)
+        return {}
 
     def key(self, kind: str) -> str | None:
         entry = self.keys().get(kind)
         return entry.get("key") if isinstance(entry, dict) else None
 
-    def renew(self, kind: str) -> str:
-        """Ask the token API for a new ``inference`` or ``management`` key; returns it."""
-        api_key = self.key("API")
-        if api_key is None:
-            raise RuntimeError(f"cannot renew the {kind} key: no API key in {self.key_file}")
-        resp = self.session.get(
-            f"{self.endpoints.management}/token", params={"type": kind},
-            headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout,
-        )
-        if resp.status_code != 200:
-            raise ApiError(resp)
-        self.renewals += 1
-        return self.key(kind)
+    def renew(self, kind: str, stale: str | None = None) -> str:
+        """Ask the token API for a new ``inference`` or ``management`` key; returns it.
+
+        ``stale`` is the key that was refused: if the key file already holds
+        another one (a concurrent client renewed it), that one is used as is, so
+        clients sharing a key file do not invalidate each other's fresh keys.
+        """
+        with _renew_lock(self.key_file):
+            current = self.key(kind)
+            if stale is not None and current is not None and current != stale:
+                return current
+            api_key = self.key("API")
+            if api_key is None:
+                raise RuntimeError(f"cannot renew the {kind} key: no API key in {self.key_file}")
+            resp = self.session.get(
+                f"{self.endpoints.management}/token", params={"type": kind},
+                headers={"Authorization": f"Bearer {api_key}"}, timeout=self.timeout,
+            )
+            if resp.status_code != 200:
+                raise ApiError(resp)
+            self.renewals += 1
+            return self.key(kind)
 
     # --- requests ---------------------------------------------------------
     def request(self, api: str, method: str, path: str, *, check: bool = True, **kw) -> requests.Response:
@@ -114,7 +161,7 @@ class TorchServeClient:
             resp = self.session.request(method, url, headers={**headers, **auth}, timeout=timeout, **kw)
             expired = kind and resp.status_code in (400, 401) and TOKEN_FAILED in resp.text
             if attempt == 0 and expired and self.key("API"):
-                self.renew(kind)
+                self.renew(kind, stale=key)
                 continue
             break
         if check and resp.status_code >= 400:
@@ -135,8 +182,32 @@ class TorchServeClient:
         return self.request("management", "GET", "/models").json()["models"]
 
     def describe(self, model: str, version: str | None = None) -> list[dict]:
+        """All versions of ``model`` (or only ``version``), one dict each, as TorchServe describes them."""
         path = f"/models/{model}" + (f"/{version}" if version else "/all")
         return self.request("management", "GET", path).json()
+
+    def default_version(self, model: str) -> str:
+        """The version that /predictions/{model} goes to (GET /models/{model} describes only that one)."""
+        return self.request("management", "GET", f"/models/{model}").json()[0]["modelVersion"]
+
+    def register(self, url: str, workers: int, timeout: float = 240) -> dict:
+        """POST /models: load an archive from the model store (needs enable_model_api=true)."""
+        params = {"url": url, "initial_workers": workers, "synchronous": "true"}
+        return self.request("management", "POST", "/models", params=params, timeout=timeout).json()
+
+    def model_api_enabled(self) -> bool:
+        """Whether register/unregister are allowed (enable_model_api=true), probed with an empty POST /models.
+
+        TorchServe 0.12 answers 405 when the model API is off and 400 (no url) when it is on.
+        """
+        resp = self.request("management", "POST", "/models", check=False)
+        if resp.status_code in (400, 405):
+            return resp.status_code == 400
+        raise ApiError(resp)
+
+    def unregister(self, model: str, version: str) -> dict:
+        """DELETE /models/{model}/{version} (needs enable_model_api=true; never the default version)."""
+        return self.request("management", "DELETE", f"/models/{model}/{version}", timeout=120).json()
 
     def scale(self, model: str, workers: int, version: str | None = None, timeout: float = 180) -> dict:
         """Set min = max = ``workers`` and wait until they are up (never the bare PUT)."""
