@@ -1,0 +1,498 @@
+"""Operate a running TorchServe: one thin client of its inference, management and metrics APIs.
+
+    python -m scripts.ctl status                          # models, versions, workers (pid, state, RSS), queues
+    python -m scripts.ctl scale fashion_cnn --workers 3   # min = max = 3, waits until they are up
+    python -m scripts.ctl versions fashion_cnn
+    python -m scripts.ctl set-default fashion_cnn 2.0     # refuses a version with no READY worker
+    python -m scripts.ctl predict examples/*.png [--top-k 5] [--no-tta] [--json]
+    python -m scripts.ctl health                          # exit 0 when healthy, 1 otherwise
+    python -m scripts.ctl metrics [--save snap.prom]      # predictions per label, confidence, rejections, latency
+    python -m scripts.ctl drift --window 300              # live vs training-time reference, PSI verdict
+
+Every command reads the keys from key_file.json in --workdir (default: the folder
+of --config, which is where `make serve` starts TorchServe) and, when a key has
+expired, renews it through the token API with the API key and retries once.
+Exit codes: 0 success, 1 a failed check (unhealthy, a failed prediction, drift
+ALERT, a refused operation), 2 TorchServe unreachable or an API error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from scripts import drift
+from scripts.tsclient import REPO, ApiError, TorchServeClient, model_store
+
+MODEL = "fashion_cnn"
+MIB = 1024 * 1024
+
+
+class Refused(RuntimeError):
+    """An operation ctl will not do (it would break serving); exit code 1."""
+
+
+# --- shared argument groups (also used by scripts.client and scripts.workers) ----
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=REPO / "config.properties",
+                   help="TorchServe config.properties (addresses, model store); default: the repository's")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="folder TorchServe was started from (holds key_file.json); default: the config's folder")
+
+
+def add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--version", default=None, help="a specific version (default: the model's default version)")
+    p.add_argument("--top-k", type=int, default=None, help="how many ranked classes to return (X-Top-K)")
+    p.add_argument("--no-tta", action="store_true", help="one view only (X-TTA: off)")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answers")
+    p.add_argument("--parallel", type=int, default=4, help="requests in flight at once")
+
+
+def add_scale_args(p: argparse.ArgumentParser, workers_required: bool = True) -> None:
+    p.add_argument("--workers", type=int, required=workers_required, help="min = max = this many workers")
+    p.add_argument("--version", default=None, help="the version to scale (default: the default version)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the workers")
+    p.add_argument("--force", action="store_true", help="allow scaling the default version to 0 workers")
+
+
+def connect(args: argparse.Namespace) -> TorchServeClient:
+    return TorchServeClient.from_config(args.config, args.workdir)
+
+
+# --- state ----------------------------------------------------------------------
+def memory_mib(pid, local: bool) -> tuple[float | None, float | None]:
+    """(RSS, USS) of a worker process in MiB; TorchServe reports memoryUsage 0 on CPU.
+
+    RSS counts the shared torch libraries in every worker; USS (unique set size) is
+    what removing that worker would free.
+    """
+    if not local or not pid:
+        return None, None
+    try:
+        import psutil
+
+        process = psutil.Process(int(pid))
+        try:
+            info = process.memory_full_info()
+            return info.rss / MIB, info.uss / MIB
+        except psutil.AccessDenied:
+            return process.memory_info().rss / MIB, None
+    except Exception:  # gone, not ours, psutil missing
+        return None, None
+
+
+def model_state(client: TorchServeClient, model: str) -> list[dict]:
+    """One dict per version: default?, archive, worker limits, workers (pid, state, RSS), queue."""
+    default = client.default_version(model)
+    local = client.endpoints.is_local()
+    out = []
+    for d in client.describe(model):
+        queue = d.get("jobQueueStatus") or {}
+        out.append({
+            "model": d["modelName"],
+            "version": d["modelVersion"],
+            "default": d["modelVersion"] == default,
+            "archive": d.get("modelUrl"),
+            "min_workers": d.get("minWorkers"),
+            "max_workers": d.get("maxWorkers"),
+            "batch_size": d.get("batchSize"),
+            "max_batch_delay_ms": d.get("maxBatchDelay"),
+            "queue_pending": queue.get("pendingRequests"),
+            "queue_free": queue.get("remainingCapacity"),
+            "workers": [
+                dict(zip(("id", "pid", "status", "rss_mib", "uss_mib"),
+                         (w.get("id"), w.get("pid"), w.get("status"), *memory_mib(w.get("pid"), local))))
+                for w in d.get("workers", [])
+            ],
+        })
+    return out
+
+
+def ready(version_state: dict) -> int:
+    return sum(w["status"] == "READY" for w in version_state["workers"])
+
+
+def format_state(versions: list[dict]) -> str:
+    lines = []
+    for v in versions:
+        rss = [w["rss_mib"] for w in v["workers"] if w["rss_mib"] is not None]
+        uss = [w["uss_mib"] for w in v["workers"] if w["uss_mib"] is not None]
+        memory = f"  RSS {sum(rss):.0f} MiB" if rss else ""
+        memory += f" (unique {sum(uss):.0f} MiB)" if uss else ""
+        lines.append(
+            f"{v['model']} {v['version']}{' (default)' if v['default'] else ''}  archive {v['archive']}  "
+            f"workers {ready(v)}/{len(v['workers'])} READY (min {v['min_workers']}, max {v['max_workers']})  "
+            f"batch {v['batch_size']}/{v['max_batch_delay_ms']} ms  queue {v['queue_pending']} pending, "
+            f"{v['queue_free']} free{memory}"
+        )
+        for w in v["workers"]:
+            mem = f"RSS {w['rss_mib']:.0f} MiB" if w["rss_mib"] is not None else "RSS n/a"
+            mem += f", unique {w['uss_mib']:.0f} MiB" if w["uss_mib"] is not None else ""
+            lines.append(f"    worker {w['id']}  pid {w['pid']}  {w['status']:<9} {mem}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    client = connect(args)
+    health = client.request("inference", "GET", "/ping", check=False)
+    health_text = health.json().get("status", health.text) if health.ok else f"HTTP {health.status_code}"
+    models = [m["modelName"] for m in client.models()]
+    state = {m: model_state(client, m) for m in models}
+    if args.json:
+        print(json.dumps({"health": health_text, "models": state}, indent=2))
+        return 0
+    print(f"TorchServe {client.endpoints.management}: {health_text}; {len(models)} model(s)")
+    for m in models:
+        print(format_state(state[m]))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    state = model_state(connect(args), args.model)
+    print(json.dumps(state, indent=2) if args.json else format_state(state))
+    return 0
+
+
+def cmd_scale(args) -> int:
+    client = connect(args)
+    if args.workers < 0:
+        raise Refused("--workers must be 0 or more")
+    version = args.version or client.default_version(args.model)
+    if args.workers == 0 and version == client.default_version(args.model) and not args.force:
+        raise Refused(f"{args.model} {version} is the default version: 0 workers would fail every request "
+                      "(set another default first, or pass --force)")
+    answer = client.scale(args.model, args.workers, version=version, timeout=args.timeout)
+    print(answer.get("status", answer))
+    print(format_state(model_state(client, args.model)))
+    return 0
+
+
+def cmd_set_default(args) -> int:
+    client = connect(args)
+    target = next((v for v in model_state(client, args.model) if v["version"] == args.version), None)
+    if target is None:
+        raise Refused(f"{args.model} has no version {args.version} loaded "
+                      f"(loaded: {', '.join(v['version'] for v in model_state(client, args.model))})")
+    if ready(target) == 0 and not args.force:
+        raise Refused(f"{args.model} {args.version} has no READY worker: as default it would answer 503 "
+                      f"(scale it first: ctl scale {args.model} --version {args.version} --workers N, or pass --force)")
+    print(client.set_default(args.model, args.version).get("status"))
+    print(format_state(model_state(client, args.model)))
+    return 0
+
+
+# --- predict / health ---------------------------------------------------------------
+def predict_files(client: TorchServeClient, args) -> list[dict]:
+    """One request per file, ``args.parallel`` in flight; never raises for a file."""
+    headers = {}
+    if args.top_k is not None:
+        headers["X-Top-K"] = str(args.top_k)
+    if args.no_tta:
+        headers["X-TTA"] = "off"
+
+    def one(path: Path) -> dict:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return {"file": str(path), "status": None, "error": f"{type(exc).__name__}: {exc.strerror or exc}"}
+        resp = client.predict(args.model, data, version=args.version, headers=headers, check=False)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        return {"file": str(path), "status": resp.status_code, "model_version": resp.headers.get("X-Model-Version"),
+                "response": body}
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        return list(pool.map(one, args.images))
+
+
+def format_answer(r: dict) -> str:
+    if r["status"] != 200:
+        body = r.get("response")
+        message = body.get("message", body) if isinstance(body, dict) else (body or r.get("error"))
+        kind = body.get("type", "") if isinstance(body, dict) else ""
+        return " ".join(str(x) for x in (f"{r['file']}: FAILED", r["status"], kind, message) if x)
+    body = r["response"]
+    items = body if isinstance(body, list) else [body]
+    parts = []
+    for item in items:
+        flag = "  UNCERTAIN" if item["uncertain"] else ""
+        ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top_k"][1:])
+        parts.append(f"{item['label']} {item['confidence']:.3f}{flag}  (tta views {item['tta_views']}"
+                     f"{'; then ' + ranked if ranked else ''})")
+    return f"{r['file']}: " + " | ".join(parts) + f"  [v{r['model_version']}]"
+
+
+def cmd_predict(args) -> int:
+    results = predict_files(connect(args), args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(format_answer(r))
+    return 0 if all(r["status"] == 200 for r in results) else 1
+
+
+def cmd_health(args) -> int:
+    """/ping with the inference key (renewed if expired), and each model's default version READY."""
+    try:
+        return _health(connect(args), args)
+    except (requests.RequestException, ApiError, RuntimeError) as exc:
+        print(f"UNHEALTHY: {exc}")
+        return 1
+
+
+def _health(client: TorchServeClient, args) -> int:
+    problems = []
+    resp = client.request("inference", "GET", "/ping", check=False)
+    status = resp.json().get("status") if resp.ok else None
+    if status != "Healthy":
+        problems.append(f"/ping answered HTTP {resp.status_code}: {resp.text.strip()[:200]}")
+    models = [args.model] if args.model else [m["modelName"] for m in client.models()]
+    for model in models:
+        try:
+            default = next(v for v in model_state(client, model) if v["default"])
+        except ApiError as exc:
+            problems.append(str(exc))
+            continue
+        if ready(default) == 0:
+            problems.append(f"{model} {default['version']} (default) has no READY worker")
+        else:
+            print(f"{model} {default['version']}: {ready(default)} READY worker(s)")
+    if problems:
+        print("UNHEALTHY: " + "; ".join(problems))
+        return 1
+    print(f"Healthy ({client.endpoints.inference})")
+    return 0
+
+
+# --- metrics / drift ----------------------------------------------------------------------
+def fmt_share(count: float, total: float) -> str:
+    return f"{count:g} ({count / total:.1%})" if total else f"{count:g}"
+
+
+def summarize(snap: drift.Snapshot, title: str) -> str:
+    n = snap.predictions
+    lines = [f"{title}: {n:g} predictions, {sum(snap.rejected.values()):g} rejected requests"]
+    labels = sorted(snap.labels.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines.append("  per label:    " + (", ".join(f"{k} {fmt_share(v, n)}" for k, v in labels if v) or "none"))
+    bins = [(lo, hi, c) for lo, hi, c in drift.bin_counts(snap.confidence) if c]
+    median = drift.quantile(snap.confidence, 0.5)
+    lines.append("  confidence:   " + (", ".join(f"({lo:g}, {hi:g}] {fmt_share(c, n)}" for lo, hi, c in bins) or "none")
+                 + (f"; median ~{median:.2f}" if median is not None else ""))
+    lines.append(f"  uncertain:    {fmt_share(snap.uncertain, n)}   TTA views disagreeing: {fmt_share(snap.disagreement, n)}")
+    lines.append("  rejected:     " + (", ".join(f"{k} {v:g}" for k, v in sorted(snap.rejected.items()) if v) or "none"))
+    stages = []
+    for stage in ("preprocess", "inference", "postprocess", *sorted(set(snap.latency) - {"preprocess", "inference", "postprocess"})):
+        hist = snap.latency.get(stage)
+        if not hist or not hist.get(max(hist)):
+            continue
+        p50, p90 = drift.quantile(hist, 0.5), drift.quantile(hist, 0.9)
+        stages.append(f"{stage} p50 ~{p50 * 1000:.1f} ms, p90 ~{p90 * 1000:.1f} ms (n={hist[max(hist)]:g} batches)")
+    lines.append("  latency:      " + ("; ".join(stages) or "none"))
+    return "\n".join(lines)
+
+
+def snapshot_json(snap: drift.Snapshot) -> dict:
+    return {
+        "predictions": snap.predictions, "labels": snap.labels, "uncertain": snap.uncertain,
+        "disagreement": snap.disagreement, "rejected": snap.rejected,
+        "confidence_buckets": {("+Inf" if b == float("inf") else f"{b:g}"): c for b, c in sorted(snap.confidence.items())},
+        "latency_p50_s": {s: drift.quantile(h, 0.5) for s, h in snap.latency.items()},
+        "latency_p90_s": {s: drift.quantile(h, 0.9) for s, h in snap.latency.items()},
+    }
+
+
+def cmd_metrics(args) -> int:
+    text = connect(args).metrics_text()
+    if args.save:
+        args.save.write_text(text)
+    since = args.since.read_text() if args.since else ""
+    versions = sorted(drift.Snapshot.from_text(text, args.model).versions)
+    if args.version:
+        versions = [args.version]
+    out = {}
+    for version in versions:
+        snap = drift.Snapshot.from_text(text, args.model, version).minus(drift.Snapshot.from_text(since, args.model, version))
+        out[version] = snap
+    if args.json:
+        print(json.dumps({v: snapshot_json(s) for v, s in out.items()}, indent=2))
+        return 0
+    where = f" since {args.since}" if args.since else " since the server started"
+    if not out:
+        print(f"no metrics for {args.model} yet{where}")
+    for version, snap in out.items():
+        print(summarize(snap, f"{args.model} {version}{where}"))
+    if args.save:
+        print(f"saved the raw snapshot to {args.save}")
+    return 0
+
+
+def load_reference(path: Path) -> dict:
+    """reference.json from a .json file, a .mar archive, or a TorchScript .pt (its extra files)."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix == ".mar":
+        with zipfile.ZipFile(path) as mar:
+            names = [n for n in mar.namelist() if n.rsplit("/", 1)[-1] == "reference.json"]
+            if not names:
+                raise Refused(f"{path} holds no reference.json")
+            return json.loads(mar.read(sorted(names, key=len)[0]))
+    if path.suffix == ".pt":
+        from handler.loader import read_model
+
+        reference = read_model(path)[2]
+        if not reference:
+            raise Refused(f"{path} carries no reference.json")
+        return reference
+    raise Refused(f"{path}: expected a .json, .mar or .pt file")
+
+
+def archive_path(client: TorchServeClient, args, model: str, version: str) -> Path:
+    url = client.describe(model, version)[0]["modelUrl"]
+    url = url.removeprefix("file://")
+    path = Path(url)
+    return path if path.is_absolute() else model_store(args.config, args.workdir) / path
+
+
+def cmd_drift(args) -> int:
+    client = connect(args)
+    version = args.version
+    if version is None:
+        try:
+            version = client.default_version(args.model)
+        except (requests.RequestException, ApiError):
+            if not (args.before and args.after):
+                raise
+            print("TorchServe unreachable: comparing all versions in the files together")
+
+    if args.reference:
+        ref_path = args.reference
+    else:
+        if version is None:
+            raise Refused("give --reference (no server to ask which archive serves the model)")
+        ref_path = archive_path(client, args, args.model, version)
+    reference = load_reference(ref_path)
+
+    if args.before:
+        before, window = args.before.read_text(), f"since {args.before}"
+    elif args.window:
+        before = client.metrics_text()
+        print(f"waiting {args.window:g} s for live traffic ...", flush=True)
+        time.sleep(args.window)
+        window = f"over the last {args.window:g} s"
+    else:
+        before, window = "", "since the server started"
+    after = args.after.read_text() if args.after else client.metrics_text()
+    if args.after:
+        window += f" until {args.after}"
+
+    live = drift.Snapshot.from_text(after, args.model, version).minus(drift.Snapshot.from_text(before, args.model, version))
+    report = drift.compare(reference, live, min_samples=args.min_samples, warn=args.warn, alert=args.alert)
+    failed = report.verdict == "ALERT" or (args.fail_on == "warn" and report.verdict == "WARN")
+    if args.json:
+        print(json.dumps({"model": args.model, "version": version, "reference": str(ref_path), "window": window,
+                          **report.to_dict()}, indent=2))
+    else:
+        print(f"drift of {args.model} {version or '(all versions)'} {window}; reference {ref_path}")
+        print(drift.render(report))
+    return 1 if failed else 0
+
+
+# --- CLI ----------------------------------------------------------------------------
+def get_args_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    add_connection_args(common)
+    p = argparse.ArgumentParser(prog="python -m scripts.ctl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("status", parents=[common], help="models, versions, workers, queue, memory")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("scale", parents=[common], help="set min = max workers of a model version (synchronous)")
+    s.add_argument("model")
+    add_scale_args(s)
+    s.set_defaults(func=cmd_scale)
+
+    s = sub.add_parser("versions", parents=[common], help="the loaded versions of a model")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_versions)
+
+    s = sub.add_parser("set-default", parents=[common], help="route /predictions/MODEL to VERSION")
+    s.add_argument("model")
+    s.add_argument("version")
+    s.add_argument("--force", action="store_true", help="even when that version has no READY worker")
+    s.set_defaults(func=cmd_set_default)
+
+    s = sub.add_parser("predict", parents=[common], help="classify one or many images")
+    add_predict_args(s)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("health", parents=[common], help="token-aware health check; exit 0 healthy, 1 not")
+    s.add_argument("--model", default=None, help="only this model (default: every registered model)")
+    s.set_defaults(func=cmd_health)
+
+    s = sub.add_parser("metrics", parents=[common], help="summary of the model's prediction-quality metrics")
+    s.add_argument("--model", default=MODEL)
+    s.add_argument("--version", default=None, help="only this version (default: each version seen)")
+    s.add_argument("--save", type=Path, default=None, help="also write the raw /metrics text here (for drift --before)")
+    s.add_argument("--since", type=Path, default=None, help="subtract this saved snapshot (counts since then)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_metrics)
+
+    s = sub.add_parser("drift", parents=[common], help="live label/confidence distributions vs the reference (PSI)")
+    s.add_argument("--model", default=MODEL)
+    s.add_argument("--version", default=None, help="default: the model's default version")
+    s.add_argument("--window", type=float, default=None, help="snapshot, wait this many seconds, snapshot again")
+    s.add_argument("--before", type=Path, default=None, help="saved /metrics text to start from (ctl metrics --save)")
+    s.add_argument("--after", type=Path, default=None, help="saved /metrics text to end at (default: live now)")
+    s.add_argument("--reference", type=Path, default=None,
+                   help="reference.json, .mar or .pt (default: the served version's archive in the model store)")
+    s.add_argument("--min-samples", type=int, default=drift.MIN_SAMPLES, help="fewer live predictions: INSUFFICIENT")
+    s.add_argument("--warn", type=float, default=drift.WARN_PSI, help="PSI from which the verdict is WARN")
+    s.add_argument("--alert", type=float, default=drift.ALERT_PSI, help="PSI from which the verdict is ALERT")
+    s.add_argument("--fail-on", choices=("alert", "warn"), default="alert", help="verdict that makes the exit code 1")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_drift)
+    return p
+
+
+def run(func, args: argparse.Namespace) -> int:
+    """Run a command; turn the expected failures into a message and an exit code."""
+    try:
+        return func(args)
+    except Refused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except drift.CounterReset as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (requests.RequestException, OSError) as exc:
+        print(f"error: TorchServe unreachable or a file unreadable: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    if not isinstance(args, argparse.Namespace):
+        args = get_args_parser().parse_args(args)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
