@@ -11,12 +11,15 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import requests
 
 from scripts import ctl
+from scripts.tsclient import TorchServeClient
 from tests.integration.server import REPO, free_ports, make_server
 
 BOOT = REPO / "examples" / "ankle_boot.png"
@@ -85,5 +88,22 @@ def test_expired_keys_are_renewed_by_the_client_and_ctl(tmp_path_factory, tmp_pa
         assert ctl.main(["health", "--config", str(srv.config), "--workdir", str(tmp_path)]) == 1
         assert "UNHEALTHY" in capsys.readouterr().out
         assert json.loads(key_file.read_text())["inference"] == after_ctl["inference"]  # nothing rotated
+
+        # several clients sharing the key file hit a refused key at once: one renewal, no failure.
+        # (Refused without waiting again: renew by hand, then put the now-invalid key back in the file.)
+        stale_file = key_file.read_text()
+        assert raw(f"{mgmt}/token?type=inference", old["API"]["key"]).status_code == 200
+        key_file.write_text(stale_file)
+        assert raw(f"{inf}/ping", after_ctl["inference"]["key"]).status_code in (400, 401)
+        clients = [TorchServeClient.from_config(srv.config, srv.workdir) for _ in range(4)]
+        start = threading.Barrier(len(clients))
+
+        def predict(client: TorchServeClient) -> int:
+            start.wait()
+            return client.predict("fashion_cnn", BOOT.read_bytes(), check=False).status_code
+
+        with ThreadPoolExecutor(len(clients)) as pool:
+            assert list(pool.map(predict, clients)) == [200] * len(clients)
+        assert sum(c.renewals for c in clients) == 1
     finally:
         srv.stop()
