@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status test unit integration train mar bench lint clean
+.PHONY: install serve stop status test unit integration train mar rollout bench lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -40,6 +40,10 @@ integration: $(STAMP)
 train: $(STAMP)
 	$(PY) -m scripts.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
 	$(PY) -m scripts.export
+
+# Roll out a new version beside the running one: make rollout VERSION=2.0 [MODEL=path.pt] [ROLLOUT_ARGS="--retire unregister"]
+rollout: $(STAMP)
+	$(PY) -m scripts.rollout --version $(VERSION) $(if $(MODEL),--model-file $(MODEL)) $(ROLLOUT_ARGS)
 
 # Benchmarks (results: docs/benchmarks.md). Installs `hey` from Debian if missing.
 bench: $(STAMP) $(MAR)

@@ -63,7 +63,9 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
         if reference:
             (stage / "extra" / REFERENCE_FILENAME).write_text(json.dumps(reference))
-    args.export_path.mkdir(parents=True, exist_ok=True)
+    # Build into the staging folder, then move: torch-model-archiver names the file after
+    # --model-name, and building in the store would overwrite another version's archive.
+    (stage / "out").mkdir()
     cmd = [
         archiver(),
         "--model-name", args.name,
@@ -72,16 +74,13 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
         "--handler", str(ENTRY_POINT),
         "--extra-files", str(stage / "extra"),
         "--config-file", str(args.config),
-        "--export-path", str(args.export_path),
+        "--export-path", str(stage / "out"),
         "--archive-format", "default",
-        "--force",
     ]
     subprocess.run(cmd, check=True)
-    # torch-model-archiver names the file after --model-name; rename for side-by-side versions.
-    produced = args.export_path / f"{args.name}.mar"
+    args.export_path.mkdir(parents=True, exist_ok=True)
     target = args.export_path / f"{args.archive_name or args.name}.mar"
-    if produced != target:
-        produced.replace(target)
+    shutil.move(stage / "out" / f"{args.name}.mar", target)
     print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB): {spec.name} v{args.version}, TTA {list(spec.tta)}")
     return target
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,18 @@ def test_idx_subset_loads_and_splits_stratified_disjoint_and_reproducibly():
     assert sum(map(len, parts)) == 3500 and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     shares = np.bincount(ds.labels[a.holdout], minlength=10) / len(a.holdout)
     assert np.allclose(shares, np.bincount(ds.labels, minlength=10) / 3500, atol=0.01)
+
+
+def test_packaging_a_second_version_keeps_the_first_archive(tmp_path):
+    import zipfile
+
+    from scripts import package
+
+    for extra in ([], ["--version", "2.0", "--archive-name", "fashion_cnn_v2"]):
+        package.main(package.get_args_parser().parse_args(["--export-path", str(tmp_path), *extra]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fashion_cnn.mar", "fashion_cnn_v2.mar"]
+    for name, version in (("fashion_cnn.mar", "1.0"), ("fashion_cnn_v2.mar", "2.0")):
+        with zipfile.ZipFile(tmp_path / name) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            assert manifest["model"]["modelVersion"] == version
+            assert {"spec.json", "reference.json", "handler/tta_classifier.py", "model-config.yaml"} <= set(mar.namelist())
