@@ -66,8 +66,8 @@ def normalise_headers(raw: Mapping[str, Any] | None) -> dict[str, str]:
 def parse_top_k(value: Any, num_classes: int, where: str) -> int:
     if isinstance(value, bool):
         value = None  # True is an int in Python; it is not a valid top_k
-    elif isinstance(value, str) and re.fullmatch(r"\s*\+?[0-9]{1,9}\s*", value):  # ASCII only: int() refuses "¹"
-        value = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\+?[0-9]{1,9}", value.strip(" \t\r\n")):  # int() refuses "¹", "0\x1f"
+        value = int(value.strip(" \t\r\n"))
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or not 1 <= value <= num_classes:
