@@ -29,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--config", type=Path, default=REPO / "config.properties")
+    p.add_argument("--workdir", type=Path, default=REPO,
+                   help="where TorchServe runs: relative paths in the config, key_file.json and logs/ are here")
     p.add_argument("--model", default="fashion_cnn")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the first answer")
     return p
@@ -77,7 +79,7 @@ def answers(client: TorchServeClient, model: str) -> bool:
 
 def how_to_call(client: TorchServeClient, model: str, answer: dict) -> str:
     inf, mgmt, met = client.endpoints.inference, client.endpoints.management, client.endpoints.metrics
-    key_file = client.key_file.relative_to(REPO) if client.key_file.is_relative_to(REPO) else client.key_file
+    key_file = client.key_file.relative_to(Path.cwd()) if client.key_file.is_relative_to(Path.cwd()) else client.key_file
     return f"""
 TorchServe is serving '{model}'  (example: {EXAMPLE.name} -> {answer['label']}, confidence {answer['confidence']:.3f})
 
@@ -98,7 +100,7 @@ Stop it with:        make stop
 
 
 def start(args) -> int:
-    client = TorchServeClient.from_config(args.config)
+    client = TorchServeClient.from_config(args.config, args.workdir)
     if answers(client, args.model):
         print(how_to_call(client, args.model, client.predict(args.model, EXAMPLE.read_bytes()).json()))
         return 0
@@ -107,35 +109,36 @@ def start(args) -> int:
         print(f"error: cannot start TorchServe: {', '.join(busy)} already in use by another process. "
               f"Stop it, or change the port in {args.config.name}.", file=sys.stderr)
         return 1
-    (REPO / "logs").mkdir(exist_ok=True)
+    logs = args.workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     cmd = [torchserve(), "--start", "--ts-config", str(args.config), "--ncs"]
     print("starting:", " ".join(cmd))
-    start_log = REPO / "logs" / "torchserve_start.log"
+    start_log = logs / "torchserve_start.log"
     with open(start_log, "ab") as log:
-        subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, cwd=args.workdir, stdout=log, stderr=subprocess.STDOUT, check=True)
     pid = server_pid()
     try:
         answer = wait_ready(client, args.model, EXAMPLE.read_bytes(), deadline_s=args.timeout,
                             alive=lambda: pid is None or (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE))
     except (TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        for log in (start_log, REPO / "logs" / "model_log.log"):
+        for log in (start_log, logs / "model_log.log"):
             if log.exists():
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                print(f"--- last lines of {log.relative_to(REPO)}:\n{tail}", file=sys.stderr)
+                print(f"--- last lines of {log}:\n{tail}", file=sys.stderr)
         return 1
     print(how_to_call(client, args.model, answer))
     return 0
 
 
 def stop(args) -> int:
-    result = subprocess.run([torchserve(), "--stop"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([torchserve(), "--stop"], cwd=args.workdir, capture_output=True, text=True)
     print((result.stdout + result.stderr).strip())
     return 0
 
 
 def status(args) -> int:
-    client = TorchServeClient.from_config(args.config)
+    client = TorchServeClient.from_config(args.config, args.workdir)
     try:
         print("ping:", client.ping())
         for entry in client.describe(args.model):
