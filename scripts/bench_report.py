@@ -1,0 +1,317 @@
+"""docs/benchmarks.json -> docs/benchmarks.md: tables, ratios against the targets, memory, profiles.
+
+    python -m scripts.bench --report-only        # regenerate the Markdown from the JSON
+
+Every ratio compares two scenarios of the same run, measured back to back on the
+same server (see scripts/bench.py); nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import json
+from statistics import mean
+
+FASHION_ROWS = ("ours, TTA off", "ours, TTA on (2 views)", "ours, TTA on (4 views)", "naive, TTA off",
+                "naive, TTA on (2 views)", "naive, TTA on (4 views)", "naive + our threads, TTA off",
+                "naive + our threads, TTA on (2 views)", "naive + our threads, TTA on (4 views)", "no-op handler")
+
+
+def _find(scenarios: list[dict], phase: str, label: str, c: int) -> dict | None:
+    return next((s for s in scenarios if s["phase"] == phase and s["label"] == label and s["concurrency"] == c), None)
+
+
+def _rps(row: dict | None) -> float | None:
+    return row["ok_per_s"] if row else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _fmt(v, spec=".1f", none="-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def load_table(scenarios: list[dict], phase: str, labels) -> list[str]:
+    rows = []
+    concs = sorted({s["concurrency"] for s in scenarios if s["phase"] == phase})
+    for label in labels:
+        for c in concs:
+            s = _find(scenarios, phase, label, c)
+            if not s:
+                continue
+            rows.append([label, str(c), _fmt(s["ok_per_s"]), _fmt(s["p50_ms"]), _fmt(s["p90_ms"]), _fmt(s["p99_ms"]),
+                         str(s["error_count"]), str(s["responses"]), _fmt(s["load_avg_start"][0], ".2f")])
+    return _table(["scenario", "conc.", "req/s (200 OK)", "p50 ms", "p90 ms", "p99 ms", "errors", "responses",
+                   "load avg at start"], rows)
+
+
+def targets(result: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows; ratios at each concurrency of the same run."""
+    sc = result["scenarios"]
+    out = []
+    concs = sorted({s["concurrency"] for s in sc if s["phase"] == "fashion"})
+
+    def ratio_row(name, num, den, goal, phase="fashion", cs=concs):
+        values = {c: _ratio(_rps(_find(sc, phase, num, c)), _rps(_find(sc, phase, den, c))) for c in cs}
+        values = {c: v for c, v in values.items() if v is not None}
+        if not values:
+            return
+        measured = ", ".join(f"c={c}: {v:.2f}x" for c, v in values.items())
+        met = [c for c, v in values.items() if v >= goal]
+        if len(met) == len(values):
+            verdict = "met"
+        elif met:
+            verdict = f"met at c={','.join(map(str, met))}; missed elsewhere (worst {min(values.values()) / goal:.0%} of target)"
+        else:
+            verdict = f"missed (best {max(values.values()) / goal:.0%} of target)"
+        out.append((f"{num} >= {goal}x {den}", measured, verdict))
+
+    ratio_row("tta4", "ours, TTA on (4 views)", "ours, TTA off", 0.75)
+    ratio_row("tta2", "ours, TTA on (2 views)", "ours, TTA off", 0.75)
+    ratio_row("naive2", "ours, TTA on (2 views)", "naive, TTA on (2 views)", 2.0)
+    ratio_row("naive4", "ours, TTA on (4 views)", "naive, TTA on (4 views)", 2.0)
+    ratio_row("naive_off", "ours, TTA off", "naive, TTA off", 1.5)
+    # The same comparisons against the naive handler given our thread setting: batching alone.
+    ratio_row("naive2t", "ours, TTA on (2 views)", "naive + our threads, TTA on (2 views)", 2.0)
+    ratio_row("naive4t", "ours, TTA on (4 views)", "naive + our threads, TTA on (4 views)", 2.0)
+    ratio_row("naive_offt", "ours, TTA off", "naive + our threads, TTA off", 1.5)
+    ratio_row("noop2", "ours, TTA on (2 views)", "no-op handler", 0.6)
+    ratio_row("noop4", "ours, TTA on (4 views)", "no-op handler", 0.6)
+    rconcs = sorted({s["concurrency"] for s in sc if s["phase"] == "resnet"})
+    ratio_row("b1", "ours, batch 1", "built-in image_classifier, batch 1", 1.3, "resnet", rconcs)
+    ratio_row("b8", "ours, batch 8", "built-in image_classifier, batch 8", 1.1, "resnet", rconcs)
+
+    raw = {(r["model"], r["batch"], r["threads"], r.get("processes", 1)): r["images_per_s"]
+           for r in result.get("inproc", {}).get("raw", [])}
+    nproc = result["machine"]["nproc"]
+    for b in (1, 8):
+        ceilings = {f"1 process x {nproc} threads": raw.get(("resnet18", b, nproc, 1)),
+                    f"{nproc} processes x 1 thread": raw.get(("resnet18", b, 1, nproc))}
+        ceilings = {k: v for k, v in ceilings.items() if v}
+        if not ceilings:
+            continue
+        name, ceiling = max(ceilings.items(), key=lambda kv: kv[1])  # the higher ceiling: the harder target
+        values = {c: _ratio(_rps(_find(sc, "resnet", f"ours, batch {b}", c)), ceiling) for c in rconcs}
+        values = {c: v for c, v in values.items() if v is not None}
+        if values:
+            best_c = max(values, key=values.get)
+            verdict = "met" if values[best_c] >= 0.85 else f"missed ({values[best_c] / 0.85:.0%} of target)"
+            others = "; ".join(f"{k}: {v:.1f}" for k, v in ceilings.items())
+            out.append((f"ResNet-18 ours, batch {b} >= 0.85x raw in-process images/s at batch {b} (the higher of "
+                        f"{others} images/s)", ", ".join(f"c={c}: {v:.2f}x" for c, v in values.items()),
+                        f"{verdict} (best: c={best_c}, against {name})"))
+
+    p_rows = [s for s in sc if s["concurrency"] == 8 and s["handler"] == "ours" and s["phase"] in ("fashion", "resnet")
+              and s["p50_ms"] and s["p99_ms"]]
+    if p_rows:
+        worst = max(p_rows, key=lambda s: s["p99_ms"] / s["p50_ms"])
+        bad = [s for s in p_rows if s["p99_ms"] > 3 * s["p50_ms"]]
+        measured = "; ".join(f"{s['phase']} {s['label']}: {s['p99_ms'] / s['p50_ms']:.2f}x" for s in p_rows)
+        verdict = "met" if not bad else f"missed for {len(bad)} of {len(p_rows)} (worst {worst['p99_ms'] / worst['p50_ms']:.2f}x)"
+        out.append(("our handler: p99 <= 3x p50 at concurrency 8", measured, verdict))
+    return out
+
+
+def sweep_table(scenarios: list[dict], nproc: int) -> tuple[list[str], dict | None]:
+    rows_in = [s for s in scenarios if s["phase"] == "sweep"]
+    if not rows_in:
+        return [], None
+    concs = sorted({s["concurrency"] for s in rows_in})
+    configs = sorted({(s["batch"], s["workers"], str(s.get("threads", "auto"))) for s in rows_in},
+                     key=lambda k: (k[2] != "auto", k[1], k[0], k[2]))
+    headers = ["batch", "workers", "threads/worker"] + [f"req/s c={c}" for c in concs] + [f"p99 ms c={c}" for c in concs]
+    rows, summary = [], {}
+    for b, w, t in configs:
+        cells = {s["concurrency"]: s for s in rows_in if (s["batch"], s["workers"], str(s.get("threads", "auto"))) == (b, w, t)}
+        shown = f"auto ({max(1, nproc // w)})" if t == "auto" else t
+        rows.append([str(b), str(w), shown] + [_fmt(_rps(cells.get(c))) for c in concs]
+                    + [_fmt(cells[c]["p99_ms"] if c in cells else None) for c in concs])
+        summary[(b, w, t)] = cells
+    # Recommendation rule: the best throughput at the highest concurrency, unless its p99 at concurrency 1
+    # is more than 25 % worse than the best p99 at concurrency 1 (a lone request must not wait for a batch).
+    top = max(concs)
+    best_p99_1 = min(c[1]["p99_ms"] for c in summary.values() if 1 in c)
+    ok = {k: v for k, v in summary.items() if 1 not in v or v[1]["p99_ms"] <= 1.25 * best_p99_1} or summary
+    pick = max(ok, key=lambda k: _rps(ok[k].get(top)) or 0)
+    return _table(headers, rows), {"batch": pick[0], "workers": pick[1], "threads": pick[2], "cells": summary, "top": top}
+
+
+def memory_table(memory: dict) -> list[str]:
+    rows = []
+    for phase, models in memory.items():
+        for model, workers in models.items():
+            if not workers:
+                continue
+            rows.append([phase, model, str(len(workers)), _fmt(mean(w["rss_mib"] for w in workers), ".0f"),
+                         _fmt(mean(w["uss_mib"] for w in workers), ".0f") if "uss_mib" in workers[0] else "-"])
+    return _table(["phase", "model (workers)", "processes", "RSS MiB (mean)", "USS MiB (mean, private)"], rows)
+
+
+def markdown(result: dict) -> str:
+    m, sc = result["machine"], result["scenarios"]
+    s = result["settings"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `scripts/bench.py` from [benchmarks.json](benchmarks.json); do not edit by hand. Reproduce with:",
+        "",
+        "```",
+        f"make bench        # = .venv/bin/{result['command'].replace('python ', 'python ', 1)}",
+        "```",
+        "",
+        f"- Date: {result['date']}; total run time {result.get('total_seconds', 0) / 60:.1f} min.",
+        f"- Machine: `nproc` = {m['nproc']}, CPU `{m['cpu_model']}`, {m['memory_gib']} GiB RAM, kernel {m['kernel']}.",
+        f"- Software: torch {m['torch']}, TorchServe {m['torchserve']}, Python {m['python']}, {m['java']}, hey {m['hey']}.",
+        f"- System load average (1/5/15 min) at the start: {result['load_avg_start']}, at the end: "
+        f"{result.get('load_avg_end', '-')}. Every table row has the 1-min load average at its start: the machine is "
+        "shared, and on 2 cores anything else running (and the load generator itself) takes CPU from TorchServe.",
+        f"- Load: `hey -z {s['seconds']:g}s` per Fashion scenario ({s['resnet_seconds']:g} s per ResNet-18 scenario), "
+        f"after a {s['warmup']:g} s warm-up at the same concurrency, POSTing one image per request with the "
+        "inference token, to TorchServe started from the shipped `config.properties` (token auth on, loopback, "
+        "private ports) by `tests/integration/server.py`. Fashion body: `examples/ankle_boot.png` "
+        f"({s['body_bytes']['fashion']} bytes, 28x28 PNG); ResNet-18 body: scikit-learn's `china.jpg` "
+        f"({s['body_bytes']['photo']} bytes, 640x427 JPEG).",
+        "- `req/s` counts 200 answers only; `errors` = non-200 answers + transport errors. Ratios compare rows of "
+        "this run, measured back to back on the same server.",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(["target", "measured (same run)", "verdict"], [list(t) for t in targets(result)], "lll")
+    lines += [
+        "",
+        "## Fashion CNN: our handler vs the naive handler vs the no-op ceiling",
+        "",
+        "Shipped model-config (batch 8, max delay 5 ms, 2 workers, `threads: auto` = 1 per worker). "
+        "`ours` = handler/ (batched, all views in one forward pass); `naive` = bench/naive_handler.py as the "
+        "tutorials write it (PIL + torchvision transforms per image, one forward pass per image and per view, "
+        "same spec and answers, torch's default threads = all cores in each worker); `naive + our threads` = the "
+        "same handler with cores // workers threads like ours, which isolates what batching alone buys; `no-op` = "
+        "bench/noop_handler.py (a constant answer, no model). TTA off = header `X-TTA: off`; 4 views = "
+        "`identity,hflip,shift(1,0),shift(-1,0)` via a model-config `handler: tta:` override.",
+        "",
+    ]
+    lines += load_table(sc, "fashion", FASHION_ROWS)
+    answers = result.get("fashion_answers")
+    if answers:
+        agree = []
+        for key, pair in answers.items():
+            vals = [json.loads(v) if isinstance(v, str) and v.lstrip().startswith("{") else v for v in pair.values()]
+            if all(isinstance(v, dict) for v in vals):
+                same = len({(v.get("label"), v.get("confidence")) for v in vals}) == 1
+                agree.append(f"{key}: " + " / ".join(f"`{k}` {v.get('label')} {v.get('confidence')}" for k, v in zip(pair, vals))
+                             + (" (identical)" if same else " (DIFFERENT)"))
+        lines += ["", "Same model, same answers (the example image through each handler; label and confidence): "
+                  + "; ".join(agree) + "."]
+
+    table, pick = sweep_table(sc, m["nproc"])
+    if table:
+        lines += ["", "## Batch size and workers (our handler, Fashion CNN, TTA on, 2 views)", "",
+                  "`threads: auto` gives each worker cores // maxWorkers torch threads (2 with one worker, 1 with two).", ""]
+        lines += table
+        cells = pick["cells"]
+        w1, w2 = cells.get((8, 1, "auto"), {}), cells.get((8, 2, "auto"), {})
+        if 16 in w1 and 16 in w2:
+            lines += ["", f"Scaling at concurrency 16, batch 8: 1 worker {w1[16]['ok_per_s']:.1f} req/s (p99 "
+                      f"{w1[16]['p99_ms']:.1f} ms), 2 workers {w2[16]['ok_per_s']:.1f} req/s (p99 {w2[16]['p99_ms']:.1f} ms): "
+                      f"{w2[16]['ok_per_s'] / w1[16]['ok_per_s']:.2f}x."]
+        lines += ["", f"Best by the rule (highest req/s at concurrency {pick['top']} among configurations whose p99 at "
+                  f"concurrency 1 is within 25 % of the best): **batch {pick['batch']}, {pick['workers']} worker(s), "
+                  f"threads {pick['threads']}**."]
+        lines += ["", "Per concurrency (req/s; the best in bold):", ""]
+        concs = sorted({c for cells_ in cells.values() for c in cells_})
+        groups = {
+            "threads split at batch 8": [(8, 2, "auto"), (8, 2, "2"), (8, 1, "auto"), (8, 1, "1")],
+            "batch size, 2 workers x 1 thread": [(1, 2, "auto"), (8, 2, "auto"), (16, 2, "auto")],
+            "batch size, 1 worker x 2 threads": [(1, 1, "auto"), (8, 1, "auto"), (16, 1, "auto")],
+        }
+        nproc = m["nproc"]
+
+        def name(k):
+            b, w, t = k
+            threads = max(1, nproc // w) if t == "auto" else int(t)
+            return f"b{b} {w}w x {threads}t"
+
+        for title, keys in groups.items():
+            keys = [k for k in keys if k in cells]
+            if not keys:
+                continue
+            parts = []
+            for c in concs:
+                vals = {k: _rps(cells[k].get(c)) for k in keys}
+                best = max(vals, key=lambda k: vals[k] or 0)
+                parts.append(f"c={c}: " + ", ".join(
+                    (f"**{name(k)} {vals[k]:.0f}**" if k == best else f"{name(k)} {vals[k]:.0f}") for k in keys if vals[k]))
+            lines.append(f"- {title}: " + "; ".join(parts))
+
+    resnet_labels = ("ours, batch 1", "built-in image_classifier, batch 1", "ours, batch 8",
+                     "built-in image_classifier, batch 8", "ours, TTA on (2 views), batch 8")
+    if any(x["phase"] == "resnet" for x in sc):
+        lines += ["", "## ResNet-18 (random weights): our handler vs TorchServe's built-in `image_classifier`", "",
+                  "Same TorchScript file (scripts/build_resnet.py), same model-config (2 workers, batch 1 or 8, "
+                  "max delay 5 ms). Ours: spec resize 256 + centre crop 224, ImageNet mean/std, `X-TTA: off` "
+                  "(the built-in handler has no TTA), `threads: auto` = 1 per worker. The built-in handler "
+                  "(torchvision Resize(256)/CenterCrop(224)/ToTensor/Normalize, top-5) leaves torch at its default of "
+                  f"{m['nproc']} threads per worker.", ""]
+        lines += load_table(sc, "resnet", resnet_labels)
+        if any(x["phase"] == "resnet_omp1" for x in sc):
+            lines += ["", "The built-in handler again, in a server started with `OMP_NUM_THREADS=1` (1 torch thread "
+                      "per worker, like ours): how much of the gap is thread oversubscription.", ""]
+            lines += load_table(sc, "resnet_omp1", ("built-in image_classifier, batch 8, OMP_NUM_THREADS=1",))
+
+    inproc = result.get("inproc")
+    if inproc:
+        lines += ["", "## In-process ceilings (no TorchServe)", "",
+                  "Raw model: a random batch under `torch.inference_mode()`, no decoding (scripts/bench_inproc.py).", ""]
+        raw_rows = [[r["model"], str(r["batch"]), str(r.get("processes", 1)), str(r["threads"]), _fmt(r["images_per_s"]),
+                     _fmt(r["ms_per_batch"], ".2f"), _fmt(r["load1"], ".2f")]
+                    for r in sorted(inproc.get("raw", []), key=lambda r: (r["model"], r.get("processes", 1), -r["threads"], r["batch"]))]
+        lines += _table(["model", "batch", "processes", "threads each", "images/s (all processes)", "ms/batch",
+                         "load avg"], raw_rows)
+        cases = inproc.get("cases", [])
+        if cases:
+            lines += ["", "One worker's handler in-process: the .mar unpacked and its handler loaded as TorchServe's "
+                      "worker does (real `Context`), `handle()` on batches of identical requests; what is left of a "
+                      "served request's time is TorchServe's (frontend, queueing, worker protocol).", ""]
+            rows = []
+            for c in cases:
+                st = c.get("stage_ms_per_batch", {})
+                rows.append([c["label"], str(c["batch"]), str(c["threads"]), _fmt(c["requests_per_s"]),
+                             _fmt(c["ms_per_batch"], ".2f"), _fmt(st.get("preprocess"), ".2f"), _fmt(st.get("inference"), ".2f"),
+                             _fmt(st.get("postprocess"), ".2f")])
+            lines += _table(["handler", "batch", "threads", "requests/s", "ms/batch", "preprocess ms", "inference ms",
+                             "postprocess ms"], rows)
+            lines += ["", "<details><summary>cProfile: top functions by own time per case</summary>", ""]
+            for c in cases:
+                top = ", ".join(f"{p['function']} {p['own_share']:.0%}" for p in c.get("profile", [])[:8])
+                lines.append(f"- **{c['label']}**: {top}")
+            lines += ["", "</details>"]
+
+    profiles = [p for p in result.get("profiles", []) if p and p.get("shares")]
+    if profiles:
+        lines += ["", "## Where a served worker's time goes (py-spy)", "",
+                  "One worker sampled at 100 Hz with `py-spy record --idle` for "
+                  f"{s.get('profile_seconds', 5):g} s while `hey` drives the scenario (after the measurements above). "
+                  "Shares of all samples; `idle` = the worker waiting on its socket for the next batch.", ""]
+        cats = []
+        for p in profiles:
+            for k in p["shares"]:
+                if k not in cats:
+                    cats.append(k)
+        rows = [[f"{p['label']} (c={p['concurrency']})"] + [f"{p['shares'].get(k, 0):.0%}" for k in cats] for p in profiles]
+        lines += _table(["scenario"] + cats, rows)
+
+    if result.get("memory"):
+        lines += ["", "## Memory per worker", "",
+                  "psutil, at the end of each phase (after load). RSS counts shared pages (torch's libraries) in every "
+                  "process; USS is what each worker costs on its own.", ""]
+        lines += memory_table(result["memory"])
+    lines.append("")
+    return "\n".join(lines)
