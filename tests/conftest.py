@@ -74,6 +74,18 @@ def make_context(model_dir: Path, yaml_config: dict | None = None) -> Context:
     return ctx
 
 
+def same_answer(a, b, tol: float = 1e-5) -> bool:
+    """Same answer: equal labels, indices, order and flags; probabilities equal up to float noise
+    (a batch of 8 and a batch of 1 can differ by ~4e-6 in a logit, enough to flip a 6th decimal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_answer(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_answer(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= tol
+    return a == b
+
+
 def run_batch(handler, ctx: Context, requests: list[tuple[dict, dict]]):
     """Send a batch through handler.handle as TorchServe's worker does: [(item, headers), ...]."""
     ctx.request_processor = [RequestProcessor(dict(headers)) for _, headers in requests]

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from scripts.tsclient import parse_prometheus
+from tests.conftest import same_answer
 from tests.integration.server import EXAMPLE, REPO
-from tests.integration.test_inputs_corpus import INVALID, VALID, b64, close, example, post
+from tests.integration.test_inputs_corpus import INVALID, VALID, b64, example, post
 
 MODEL = "fashion_cnn"
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
@@ -79,7 +80,7 @@ def test_a_burst_of_80_mixed_requests_each_answered_as_if_alone(client):
     for (kind, i, _), resp in zip(burst, responses):
         if kind == "valid":
             assert resp.status_code == 200, resp.text[:300]
-            assert close(resp.json(), alone[i]), (i, resp.json(), alone[i])
+            assert same_answer(resp.json(), alone[i]), (i, resp.json(), alone[i])
         else:
             case = invalid[i][1]
             assert resp.status_code == case.status, (case.name, resp.status_code, resp.text[:300])
@@ -100,4 +101,4 @@ def test_a_burst_of_80_mixed_requests_each_answered_as_if_alone(client):
 
     assert workers(client) == before_workers  # same ids and pids: no worker crashed or restarted
     assert all(status == "READY" for _, _, status in before_workers)
-    assert close(post(client, EXAMPLE.read_bytes()).json(), boot)
+    assert same_answer(post(client, EXAMPLE.read_bytes()).json(), boot)

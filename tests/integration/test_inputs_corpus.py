@@ -22,6 +22,7 @@ import requests
 import yaml
 from PIL import Image, ImageOps
 
+from tests.conftest import same_answer
 from tests.integration.server import EXAMPLE, REPO
 from tests.unit.test_inputs import png_claiming, tiff_pages
 
@@ -102,17 +103,6 @@ def post(client, body: bytes | None = None, *, content_type: str | None = None, 
     return requests.post(url, data=form if files else body, files=files, headers=hdrs, timeout=60)
 
 
-def close(a, b, tol: float = 1e-5) -> bool:
-    """Same answer: equal labels, indices, order and flags; probabilities equal to float noise."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return abs(a - b) <= tol
-    return a == b
-
-
 ANSWER_KEYS = {"label", "class_index", "confidence", "uncertain", "top_k", "tta_views"}
 
 
@@ -128,7 +118,7 @@ class Case:
 
 # 200 checks: `known` holds the answers of the untouched examples (PNG, raw body).
 def same_as_boot(body, known):
-    assert close(body, known["ankle_boot"]), (body, known["ankle_boot"])
+    assert same_answer(body, known["ankle_boot"]), (body, known["ankle_boot"])
 
 
 def boot_label(body, known):
@@ -311,10 +301,10 @@ def test_an_exif_rotated_photo_gets_the_answer_of_the_upright_one(client):
     tagged = exif_jpeg(6)
     upright = post(client, upright_png_of(tagged)).json()
     got = post(client, tagged, content_type="image/jpeg").json()
-    assert close(got, upright), (got, upright)
+    assert same_answer(got, upright), (got, upright)
     assert got["label"] == "Ankle boot"
     ignored = post(client, exif_jpeg(6, tagged=False)).json()  # the same pixels without the tag: lying on its side
-    assert not close(ignored, upright, tol=1e-3)
+    assert not same_answer(ignored, upright, tol=1e-3)
 
 
 def test_instances_are_answered_with_a_list_in_order(client, known):
@@ -322,7 +312,7 @@ def test_instances_are_answered_with_a_list_in_order(client, known):
     doc = {"instances": [{"image": b64(example(n))} for n in names]}
     resp = post(client, json.dumps(doc).encode(), content_type="application/json")
     assert resp.status_code == 200
-    assert close(resp.json(), [known[n] for n in names])
+    assert same_answer(resp.json(), [known[n] for n in names])
 
 
 def test_explanations_add_the_per_view_breakdown(client, known):
@@ -330,7 +320,7 @@ def test_explanations_add_the_per_view_breakdown(client, known):
     assert resp.status_code == 200
     body = resp.json()
     views = body.pop("views")
-    assert close(body, known["ankle_boot"])
+    assert same_answer(body, known["ankle_boot"])
     assert [v["view"] for v in views] == ["identity", "hflip"] and all(v["label"] == "Ankle boot" for v in views)
 
 
@@ -344,7 +334,7 @@ def test_a_body_over_max_request_size_is_refused_by_the_frontend_with_413(server
 
 
 def test_afterwards_the_known_image_still_gets_its_usual_answer_from_the_same_workers(client, known):
-    assert close(post(client, EXAMPLE.read_bytes()).json(), known["ankle_boot"])
+    assert same_answer(post(client, EXAMPLE.read_bytes()).json(), known["ankle_boot"])
     workers = client.describe(MODEL)[0]["workers"]
     assert {(w["id"], w["pid"]) for w in workers} == known["workers"]
     assert all(w["status"] == "READY" for w in workers)
