@@ -17,7 +17,7 @@ from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec, SpecError
 logger = logging.getLogger(__name__)
 
 # handler: keys in model-config.yaml that configure the worker rather than the spec.
-WORKER_KEYS = ("threads",)
+WORKER_KEYS = ("threads", "optimize")
 
 
 def cpu_count() -> int:
@@ -61,6 +61,33 @@ def read_model(path: Path, model_dir: Path | None = None) -> tuple[torch.jit.Scr
     return model, spec, reference
 
 
+def optimized(model, spec: ModelSpec, device: torch.device, tolerance: float = 1e-4):
+    """Freeze the model (BatchNorm folded into convolutions, constants inlined) and, on CPU,
+    apply torch's inference passes; ~1.5x faster for the Fashion CNN on one core.
+
+    Done per worker at load (the artifact stays portable). The result must match the
+    exported model on a random batch, else the exported model is served unchanged.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = torch.jit.freeze(model)
+            if device.type == "cpu":
+                fast = torch.jit.optimize_for_inference(fast)
+    except Exception as exc:  # a model freeze cannot handle is still served, just slower
+        logger.warning("Serving the model as exported: freezing it failed (%s)", exc)
+        return model
+    c, (h, w) = spec.channels, spec.input_size
+    x = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        reference, candidate = model(x), fast(x)
+    diff = (reference - candidate).abs().max().item()
+    if not diff <= tolerance * max(1.0, reference.abs().max().item()):
+        logger.warning("Serving the model as exported: the frozen model differs by %.3g", diff)
+        return model
+    return fast
+
+
 def load(context) -> tuple[torch.jit.ScriptModule, ModelSpec, dict, torch.device]:
     """Everything ``initialize()`` needs, from TorchServe's context."""
     model_dir = Path(context.system_properties["model_dir"])
@@ -81,9 +108,16 @@ def load(context) -> tuple[torch.jit.ScriptModule, ModelSpec, dict, torch.device
     gpu_id = context.system_properties.get("gpu_id")
     device = torch.device(f"cuda:{gpu_id}") if torch.cuda.is_available() and gpu_id is not None else torch.device("cpu")
     model = model.to(device).eval()
-    check_model(model, spec, device)
+    check_model(model, spec, device)  # the model as exported: refuse dropout left on before anything else
+    optimize = worker_settings.get("optimize", True)
+    if not isinstance(optimize, bool):
+        raise SpecError(f"handler.optimize must be true or false; got {optimize!r}")
+    if optimize:
+        model = optimized(model, spec, device)
+        check_model(model, spec, device)
     logger.info(
-        "Loaded %s (%d classes, input %s, TTA %s, merge %s) on %s with %d thread(s)",
+        "Loaded %s (%d classes, input %s, TTA %s, merge %s) on %s with %d thread(s), %s",
         serialized, spec.num_classes, spec.input_size, list(spec.tta), spec.merge, device, threads,
+        "optimised for inference" if optimize else "as exported",
     )
     return model, spec, reference, device

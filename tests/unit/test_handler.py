@@ -130,3 +130,13 @@ def test_an_unexpected_bug_on_one_request_is_isolated_to_it(tiny_handler, monkey
     statuses, bodies = run_batch(handler, ctx, [({"body": image(9)}, {}), ({"body": b"trigger"}, {}), ({"body": image(10)}, {})])
     assert statuses == [200, 500, 200]
     assert bodies[1]["type"] == "InternalError" and "req-1" in bodies[1]["message"]
+
+
+def test_optimised_model_gives_the_same_answers_as_the_exported_one(tiny_model_dir):
+    answers = []
+    for optimize in (True, False):
+        ctx = make_context(tiny_model_dir, {"handler": {"optimize": optimize}})
+        handler = TTAClassifierHandler()
+        handler.initialize(ctx)
+        answers.append(run_batch(handler, ctx, [({"body": image(i)}, {}) for i in range(4)])[1])
+    assert same_answer(answers[0], answers[1])
