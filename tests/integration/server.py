@@ -130,3 +130,12 @@ def make_server(workdir: Path, overrides: dict[str, str] | None = None, archives
     config = write_config(workdir, store, overrides)
     client = TorchServeClient.from_config(config, workdir)
     return Server(workdir, config, store, client)
+
+
+V2_ARCHIVE = {"version": "2.0", "archive_name": "fashion_cnn_v2"}
+
+
+def make_two_version_server(workdir: Path, overrides: dict[str, str] | None = None) -> Server:
+    """fashion_cnn 1.0 (the default: listed first) and 2.0 (same model) loaded at start with load_models."""
+    return make_server(workdir, overrides={"load_models": "fashion_cnn.mar,fashion_cnn_v2.mar", **(overrides or {})},
+                       archives=[{}, V2_ARCHIVE])

@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from scripts import ctl
-from tests.integration.server import REPO, free_ports, make_server
+from tests.integration.server import REPO, free_ports, make_two_version_server
 
 EXAMPLES = sorted((REPO / "examples").glob("*.png"))
 BOOT = REPO / "examples" / "ankle_boot.png"
@@ -31,14 +31,7 @@ MODEL = "fashion_cnn"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    grpc_inf, grpc_mgmt = free_ports(2)
-    server = make_server(
-        tmp_path_factory.mktemp("ctl"),
-        overrides={"grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt),
-                   "load_models": "fashion_cnn.mar,fashion_cnn_v2.mar"},
-        # v2 first: scripts.package builds <name>.mar before renaming it
-        archives=[{"version": "2.0", "archive_name": "fashion_cnn_v2"}, {}],
-    )
+    server = make_two_version_server(tmp_path_factory.mktemp("ctl"))
     server.start()
     try:
         wait_all_ready(server)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from scripts import drift
 from scripts.tsclient import parse_prometheus
-from tests.integration.server import REPO, free_ports, make_server
+from tests.integration.server import REPO, make_two_version_server
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()
@@ -28,13 +28,7 @@ BAG = (REPO / "examples" / "bag.png").read_bytes()
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    grpc_inf, grpc_mgmt = free_ports(2)
-    server = make_server(
-        tmp_path_factory.mktemp("metrics"),
-        overrides={"grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt),
-                   "load_models": "fashion_cnn.mar,fashion_cnn_v2.mar"},
-        archives=[{"version": "2.0", "archive_name": "fashion_cnn_v2"}, {}],  # v2 first: see scripts.package
-    )
+    server = make_two_version_server(tmp_path_factory.mktemp("metrics"))
     server.start()
     try:
         deadline = time.monotonic() + 180

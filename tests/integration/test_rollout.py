@@ -21,16 +21,11 @@ import yaml
 
 from scripts import ctl, rollout
 from scripts.tsclient import TorchServeClient
-from tests.integration.server import REPO, free_ports, make_server
+from tests.integration.server import REPO, make_server, make_two_version_server
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()
 V2_TTA = ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
-
-
-def isolated(**overrides: str) -> dict[str, str]:
-    grpc_inf, grpc_mgmt = free_ports(2)
-    return {"grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt), **overrides}
 
 
 @dataclass
@@ -95,7 +90,7 @@ def loaded_versions(srv) -> dict[str, dict]:
 
 
 def test_rollout_registers_switches_and_retires_without_a_failed_request(tmp_path_factory, tmp_path):
-    srv = make_server(tmp_path_factory.mktemp("rollout_api"), overrides=isolated(enable_model_api="true"))
+    srv = make_server(tmp_path_factory.mktemp("rollout_api"), overrides={"enable_model_api": "true"})
     srv.start()
     try:
         # v2: the same weights served with a 4-view TTA policy (a visibly different answer: tta_views)
@@ -132,11 +127,7 @@ def test_rollout_registers_switches_and_retires_without_a_failed_request(tmp_pat
 
 
 def test_switch_and_rollback_with_the_model_api_off(tmp_path_factory, capsys):
-    srv = make_server(
-        tmp_path_factory.mktemp("rollout_noapi"),
-        overrides=isolated(load_models="fashion_cnn.mar,fashion_cnn_v2.mar"),
-        archives=[{"version": "2.0", "archive_name": "fashion_cnn_v2"}, {}],  # v2 first: see scripts.package
-    )
+    srv = make_two_version_server(tmp_path_factory.mktemp("rollout_noapi"))
     srv.start()
     try:
         deadline = time.monotonic() + 180

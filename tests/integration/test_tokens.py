@@ -20,7 +20,7 @@ import requests
 
 from scripts import ctl
 from scripts.tsclient import TorchServeClient
-from tests.integration.server import REPO, free_ports, make_server
+from tests.integration.server import REPO, make_server
 
 BOOT = REPO / "examples" / "ankle_boot.png"
 REFUSED = "Token Authorization failed"
@@ -33,9 +33,7 @@ def expires_at(entry: dict) -> datetime:
 
 
 def test_expired_keys_are_renewed_by_the_client_and_ctl(tmp_path_factory, tmp_path, capsys):
-    grpc_inf, grpc_mgmt = free_ports(2)
-    srv = make_server(tmp_path_factory.mktemp("tokens"), overrides={
-        "token_expiration_min": "1", "grpc_inference_port": str(grpc_inf), "grpc_management_port": str(grpc_mgmt)})
+    srv = make_server(tmp_path_factory.mktemp("tokens"), overrides={"token_expiration_min": "1"})
     srv.start()
     try:
         key_file = srv.workdir / "key_file.json"
