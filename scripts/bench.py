@@ -734,10 +734,11 @@ def main(args: argparse.Namespace) -> dict:
             phases[name](ctx, result["scenarios"], extra)
         result.setdefault("phase_seconds", {})[name] = round(time.time() - t0, 1)
         result.update(extra)
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(result, indent=2, default=str) + "\n")  # partial results survive a crash
+        # Partial results survive a crash without clobbering the last complete run in docs/.
+        (args.workdir / "partial.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     result["total_seconds"] = round(time.time() - started, 1)
     result["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     args.out_md.write_text(bench_report.markdown(result))
     print(f"wrote {args.out_json} and {args.out_md} in {result['total_seconds'] / 60:.1f} min")

@@ -151,7 +151,7 @@ def memory_table(memory: dict) -> list[str]:
                 continue
             rows.append([phase, model, str(len(workers)), _fmt(mean(w["rss_mib"] for w in workers), ".0f"),
                          _fmt(mean(w["uss_mib"] for w in workers), ".0f") if "uss_mib" in workers[0] else "-"])
-    return _table(["phase", "model (workers)", "processes", "RSS MiB (mean)", "USS MiB (mean, private)"], rows)
+    return _table(["phase", "model", "processes", "RSS MiB (mean)", "USS MiB (mean, private)"], rows)
 
 
 def markdown(result: dict) -> str:
