@@ -9,6 +9,7 @@ same server (see scripts/bench.py); nothing here measures anything.
 from __future__ import annotations
 
 import json
+import math
 from statistics import mean
 
 FASHION_ROWS = ("ours, TTA off", "ours, TTA on (2 views)", "ours, TTA on (4 views)", "naive, TTA off",
@@ -134,13 +135,16 @@ def sweep_table(scenarios: list[dict], nproc: int) -> tuple[list[str], dict | No
         rows.append([str(b), str(w), shown] + [_fmt(_rps(cells.get(c))) for c in concs]
                     + [_fmt(cells[c]["p99_ms"] if c in cells else None) for c in concs])
         summary[(b, w, t)] = cells
-    # Recommendation rule: the best throughput at the highest concurrency, unless its p99 at concurrency 1
-    # is more than 25 % worse than the best p99 at concurrency 1 (a lone request must not wait for a batch).
-    top = max(concs)
-    best_p99_1 = min(c[1]["p99_ms"] for c in summary.values() if 1 in c)
-    ok = {k: v for k, v in summary.items() if 1 not in v or v[1]["p99_ms"] <= 1.25 * best_p99_1} or summary
-    pick = max(ok, key=lambda k: _rps(ok[k].get(top)) or 0)
-    return _table(headers, rows), {"batch": pick[0], "workers": pick[1], "threads": pick[2], "cells": summary, "top": top}
+    # Recommendation rule: good at every load, not only at one. Each configuration's req/s at each
+    # concurrency relative to the best configuration at that concurrency; the highest geometric mean wins.
+    best = {c: max((_rps(v.get(c)) or 0) for v in summary.values()) for c in concs}
+    scores = {}
+    for k, v in summary.items():
+        rel = [(_rps(v.get(c)) or 0) / best[c] for c in concs if best[c]]
+        scores[k] = math.prod(rel) ** (1 / len(rel)) if rel and all(rel) else 0.0
+    pick = max(scores, key=scores.get)
+    return _table(headers, rows), {"batch": pick[0], "workers": pick[1], "threads": pick[2], "cells": summary,
+                                   "scores": scores}
 
 
 def memory_table(memory: dict) -> list[str]:
@@ -179,7 +183,10 @@ def markdown(result: dict) -> str:
         f"({s['body_bytes']['fashion']} bytes, 28x28 PNG); ResNet-18 body: scikit-learn's `china.jpg` "
         f"({s['body_bytes']['photo']} bytes, 640x427 JPEG).",
         "- `req/s` counts 200 answers only; `errors` = non-200 answers + transport errors. Ratios compare rows of "
-        "this run, measured back to back on the same server.",
+        f"this run, measured back to back on the same server ({s.get('rounds', 1)} interleaved rounds per "
+        "concurrency; percentiles are the median of the rounds' values). On a shared machine, whole runs differ "
+        "from each other by tens of percent: compare ratios within a run, and re-run on a quiet machine before "
+        "quoting absolute numbers.",
         "",
         "## Targets",
         "",
@@ -222,9 +229,11 @@ def markdown(result: dict) -> str:
             lines += ["", f"Scaling at concurrency 16, batch 8: 1 worker {w1[16]['ok_per_s']:.1f} req/s (p99 "
                       f"{w1[16]['p99_ms']:.1f} ms), 2 workers {w2[16]['ok_per_s']:.1f} req/s (p99 {w2[16]['p99_ms']:.1f} ms): "
                       f"{w2[16]['ok_per_s'] / w1[16]['ok_per_s']:.2f}x."]
-        lines += ["", f"Best by the rule (highest req/s at concurrency {pick['top']} among configurations whose p99 at "
-                  f"concurrency 1 is within 25 % of the best): **batch {pick['batch']}, {pick['workers']} worker(s), "
-                  f"threads {pick['threads']}**."]
+        ranked = sorted(pick["scores"].items(), key=lambda kv: -kv[1])
+        lines += ["", "Best by the rule (each configuration's req/s relative to the best one at every concurrency, "
+                  f"geometric mean over the concurrencies): **batch {pick['batch']}, {pick['workers']} worker(s), "
+                  f"threads {pick['threads']}**. Scores: "
+                  + ", ".join(f"b{b} {w}w threads {t}: {v:.2f}" for (b, w, t), v in ranked) + "."]
         lines += ["", "Per concurrency (req/s; the best in bold):", ""]
         concs = sorted({c for cells_ in cells.values() for c in cells_})
         groups = {
