@@ -3,8 +3,9 @@
 The proof counts calls inside the model itself: a TorchScript module that wraps a
 real CNN and, in its scripted ``forward``, increments a ``calls`` buffer and records
 the batch size it was given. The handler loads it from disk exactly as it loads
-any served model (spec.json in the .pt's extra files), through TorchServe's real
-``Context``, so nothing in the handler is patched.
+any served model (spec.json in the .pt's extra files, then the loader's checks and
+freezing; a buffer mutated in ``forward`` survives ``torch.jit.freeze``), through
+TorchServe's real ``Context``, so nothing in the handler is patched.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def counting_handler(tmp_path, tiny_spec):
     handler = TTAClassifierHandler()
     handler.initialize(ctx)
     assert isinstance(handler.model, torch.jit.ScriptModule)
-    assert int(handler.model.calls) == 2  # check_model's two load-time passes: the counter works
+    assert int(handler.model.calls) >= 2  # the loader's own checks ran through the counter: it counts
     reset(handler.model)
     return handler, ctx
 
