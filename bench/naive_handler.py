@@ -14,9 +14,10 @@ input size (Fashion CNN), views ``identity``, ``hflip``, ``vflip`` and
 ``shift(dx,dy)``.
 
 Like the tutorials, it leaves torch's thread count alone (torch's default: all
-cores, in every worker). With ``naive: {threads: auto}`` in model-config.yaml it
-sets cores // maxWorkers threads as ``handler/`` does, so the benchmark can tell
-the effect of batching from the effect of the thread setting.
+cores, in every worker) and runs the model as exported. With ``naive: {threads:
+auto, optimize: true}`` in model-config.yaml it sets cores // maxWorkers threads
+and freezes the model with torch's inference passes, as ``handler/`` does, so the
+benchmark can tell the effect of batching from the effect of those two settings.
 """
 
 import io
@@ -42,9 +43,12 @@ class NaiveTTAHandler(BaseHandler):
         overrides = config.get("handler") or {}
         if "tta" in overrides:
             self.spec["tta"] = list(overrides["tta"])
-        if (config.get("naive") or {}).get("threads") == "auto":
+        options = config.get("naive") or {}
+        if options.get("threads") == "auto":
             workers = int(config.get("maxWorkers") or config.get("minWorkers") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        if options.get("optimize"):
+            self.model = torch.jit.optimize_for_inference(torch.jit.freeze(self.model))
         height, width = self.spec["input_size"]
         self.mode = "L" if self.spec["channels"] == 1 else "RGB"
         self.transform = transforms.Compose([

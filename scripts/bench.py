@@ -30,6 +30,7 @@ Phases (each its own server; scenarios that are compared run back to back):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ FASHION_IMAGE = REPO / "examples" / "ankle_boot.png"
 SHIPPED_CONFIG = REPO / "handler" / "model-config.yaml"
 VIEWS4 = ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
 OFF = {"X-TTA": "off"}
+NAIVE_LIKE_OURS = {"naive": {"threads": "auto", "optimize": True}}  # our thread split and frozen model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -457,8 +459,8 @@ def phase_fashion(ctx: dict, results: list, extra: dict) -> None:
     spec = fashion_spec_file(wd)
     shipped = derive_config(cfg / "fashion.yaml")
     four = derive_config(cfg / "fashion-4view.yaml", tta=VIEWS4)
-    shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top={"naive": {"threads": "auto"}})
-    four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top={"naive": {"threads": "auto"}}, tta=VIEWS4)
+    shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top=NAIVE_LIKE_OURS)
+    four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top=NAIVE_LIKE_OURS, tta=VIEWS4)
     archives = [
         {"kind": "ours", "name": "fashion_cnn", "config": shipped, "model": FASHION_PT},
         {"kind": "ours", "name": "fashion_cnn_4v", "config": four, "model": FASHION_PT},
@@ -484,9 +486,9 @@ def phase_fashion(ctx: dict, results: list, extra: dict) -> None:
                 Scenario("fashion", "naive", "naive, TTA off", "naive_fashion", c, OFF, 1),
                 Scenario("fashion", "naive", "naive, TTA on (2 views)", "naive_fashion", c, {}, 2),
                 Scenario("fashion", "naive", "naive, TTA on (4 views)", "naive_fashion_4v", c, {}, 4),
-                Scenario("fashion", "naive_t", "naive + our threads, TTA off", "naive_fashion_t", c, OFF, 1),
-                Scenario("fashion", "naive_t", "naive + our threads, TTA on (2 views)", "naive_fashion_t", c, {}, 2),
-                Scenario("fashion", "naive_t", "naive + our threads, TTA on (4 views)", "naive_fashion_4v_t", c, {}, 4),
+                Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA off", "naive_fashion_t", c, OFF, 1),
+                Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA on (2 views)", "naive_fashion_t", c, {}, 2),
+                Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA on (4 views)", "naive_fashion_4v_t", c, {}, 4),
                 Scenario("fashion", "noop", "no-op handler", "noop", c, {}, 0),
             ]
         run_scenarios(srv, scenarios, ctx["bodies"], ctx["seconds"], ctx["warmup"], results, ctx["rounds"])
@@ -495,7 +497,7 @@ def phase_fashion(ctx: dict, results: list, extra: dict) -> None:
         top = max(ctx["conc"])
         for sc in scenarios:
             if sc.concurrency == top and sc.label in ("ours, TTA off", "ours, TTA on (4 views)",
-                                                      "naive + our threads, TTA on (4 views)", "no-op handler"):
+                                                      "naive + our threads & frozen model, TTA on (4 views)", "no-op handler"):
                 extra.setdefault("profiles", []).append(spy_profile(srv, sc, ctx["bodies"], ctx["profile_seconds"]))
     finally:
         srv.stop()
@@ -549,27 +551,29 @@ def raw_ceiling(ctx: dict, model: str, extra: dict, batches=(1, 8, 32)) -> None:
     Two ceilings: one process with all cores (torch threads = nproc), and nproc processes with one
     thread each running at the same time (how TorchServe's workers share the machine), summed.
     """
-    seconds = ctx["inproc_seconds"] * 2
+    seconds = ctx["inproc_seconds"]
     out = ctx["workdir"] / f"raw_{model}.json"
     subprocess.run([sys.executable, "-m", "scripts.bench_inproc", "--out", str(out), "--raw", model,
                     "--seconds", str(seconds), "--batches", *map(str, batches)], cwd=REPO, check=True)
     rows = [r for r in json.loads(out.read_text())["raw"]]
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if nproc > 1:
-        for b in batches:
-            outs = [ctx["workdir"] / f"raw_{model}_b{b}_p{i}.json" for i in range(nproc)]
-            procs = [subprocess.Popen([sys.executable, "-m", "scripts.bench_inproc", "--out", str(o), "--raw", model,
-                                       "--seconds", str(seconds), "--batches", str(b), "--threads", "1", "--rounds", "1"],
-                                      cwd=REPO, stdout=subprocess.DEVNULL) for o in outs]
-            if any(p.wait() != 0 for p in procs):
-                raise RuntimeError(f"parallel raw measurement of {model} failed")
-            parts = [json.loads(o.read_text())["raw"][0] for o in outs]
-            rows.append({"model": model, "batch": b, "threads": 1, "processes": nproc,
-                         "images_per_s": sum(p["images_per_s"] for p in parts),
-                         "ms_per_batch": sum(p["ms_per_batch"] for p in parts) / nproc,
-                         "load1": parts[0]["load1"]})
-            print(f"raw {model:<12} batch {b:>2} {nproc} processes x 1 thread: {rows[-1]['images_per_s']:9.1f} images/s",
-                  flush=True)
+        for variant in ("exported", "served"):
+            for b in batches:
+                outs = [ctx["workdir"] / f"raw_{model}_{variant}_b{b}_p{i}.json" for i in range(nproc)]
+                procs = [subprocess.Popen([sys.executable, "-m", "scripts.bench_inproc", "--out", str(o), "--raw", model,
+                                           "--seconds", str(seconds), "--batches", str(b), "--threads", "1",
+                                           "--rounds", "1", "--variants", variant],
+                                          cwd=REPO, stdout=subprocess.DEVNULL) for o in outs]
+                if any(p.wait() != 0 for p in procs):
+                    raise RuntimeError(f"parallel raw measurement of {model} failed")
+                parts = [json.loads(o.read_text())["raw"][0] for o in outs]
+                rows.append({"model": model, "variant": variant, "batch": b, "threads": 1, "processes": nproc,
+                             "images_per_s": sum(p["images_per_s"] for p in parts),
+                             "ms_per_batch": sum(p["ms_per_batch"] for p in parts) / nproc,
+                             "load1": parts[0]["load1"]})
+                print(f"raw {model:<12} {variant:<9} batch {b:>2} {nproc} processes x 1 thread: "
+                      f"{rows[-1]['images_per_s']:9.1f} images/s", flush=True)
     inproc = extra.setdefault("inproc", {"raw": [], "cases": []})
     inproc["raw"] = [r for r in inproc["raw"] if r["model"] != model] + rows
 
@@ -623,16 +627,16 @@ def phase_inproc(ctx: dict, extra: dict) -> None:
     four = derive_config(cfg / "fashion-4view.yaml", tta=VIEWS4)
     fashion = archive("ours", "fashion_cnn", store, shipped, FASHION_PT)
     fashion4 = archive("ours", "fashion_cnn_4v", store, four, FASHION_PT)
-    shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top={"naive": {"threads": "auto"}})
-    four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top={"naive": {"threads": "auto"}}, tta=VIEWS4)
+    shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top=NAIVE_LIKE_OURS)
+    four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top=NAIVE_LIKE_OURS, tta=VIEWS4)
     naive = archive("naive", "naive_fashion_t", store, shipped_t, FASHION_PT, extra=[spec])
     naive4 = archive("naive", "naive_fashion_4v_t", store, four_t, FASHION_PT, extra=[spec])
     img = ctx["bodies"]["fashion"][0]
     # One worker of the shipped 2-worker setup: 1 torch thread each (ours and naive + our threads set it).
     cases = [
         f"ours, TTA off={fashion}:{img}:X-TTA=off", f"ours, TTA on (2 views)={fashion}:{img}",
-        f"ours, TTA on (4 views)={fashion4}:{img}", f"naive + our threads, TTA off={naive}:{img}:X-TTA=off",
-        f"naive + our threads, TTA on (2 views)={naive}:{img}", f"naive + our threads, TTA on (4 views)={naive4}:{img}",
+        f"ours, TTA on (4 views)={fashion4}:{img}", f"naive + our threads & frozen model, TTA off={naive}:{img}:X-TTA=off",
+        f"naive + our threads & frozen model, TTA on (2 views)={naive}:{img}", f"naive + our threads & frozen model, TTA on (4 views)={naive4}:{img}",
     ]
     photo_path = ctx["bodies"]["photo"][0]
     for a in resnet_archives(ctx, batches=(8,)):
@@ -694,6 +698,13 @@ def main(args: argparse.Namespace) -> dict:
     ensure_bench_extra(not args.no_install)
     args.workdir = args.workdir.resolve()  # torchserve runs with the server folder as cwd
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # Two runs sharing a workdir would delete each other's server folders (and key files) mid-run.
+    lock = open(args.workdir / ".bench.lock", "w")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"another scripts.bench is running with --workdir {args.workdir}; wait for it or pass "
+                         "another --workdir") from None
     quick = args.quick
     ctx = {
         "workdir": args.workdir,

@@ -8,7 +8,8 @@ running). Two kinds of measurement:
 
 - **raw**: a TorchScript model on a random batch under ``torch.inference_mode()``,
   images/s at batch 1, 8 and 32, with all cores and with one thread: the compute
-  ceiling, no decoding and no serving.
+  ceiling, no decoding and no serving. Both as exported and as ``handler/loader.py``
+  serves it (frozen, torch's inference passes), so the ceiling is never the slower one.
 - **handler cases**: a .mar is unpacked and its handler is loaded as TorchServe's
   worker loads it (the handler file from the archive, the archive's model-config.yaml,
   TorchServe's real ``Context``); ``handle()`` is called on batches of identical
@@ -57,6 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="requests per handle() call for the cases")
     p.add_argument("--profile-top", type=int, default=12, help="functions kept from each case's cProfile")
     p.add_argument("--rounds", type=int, default=2, help="interleaved turns per point (--seconds is split over them)")
+    p.add_argument("--variants", nargs="+", default=["exported", "served"], choices=["exported", "served"],
+                   help="raw model as exported, and/or as handler/loader.py serves it (frozen + inference passes)")
     return p
 
 
@@ -78,10 +81,23 @@ def timed_loop(step, seconds: float, warmup: int = 3) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def raw(name: str, batches: list[int], threads: list[int], seconds: float, rounds: int = 2) -> list[dict]:
+def load_raw(name: str, variant: str):
+    """The TorchScript model as exported, or as handler/loader.py serves it (frozen, inference passes)."""
+    path, _ = RAW_MODELS[name]
+    if variant == "exported":
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    from handler import loader
+
+    model, spec, _ = loader.read_model(path)
+    model = model.eval()
+    return loader.optimized(model, spec, torch.device("cpu")) if hasattr(loader, "optimized") else model
+
+
+def raw(name: str, batches: list[int], threads: list[int], seconds: float, rounds: int = 2,
+        variant: str = "exported") -> list[dict]:
     """images/s of the bare model; the (threads, batch) points are measured in ``rounds`` interleaved turns."""
-    path, shape = RAW_MODELS[name]
-    model = torch.jit.load(str(path), map_location="cpu").eval()
+    _, shape = RAW_MODELS[name]
+    model = load_raw(name, variant)
     points = [(t, b) for t in threads for b in batches]
     acc = {p: [0, 0.0] for p in points}
     loads = {p: [] for p in points}
@@ -100,9 +116,9 @@ def raw(name: str, batches: list[int], threads: list[int], seconds: float, round
             acc[(t, b)][1] += elapsed
     rows = []
     for (t, b), (n, elapsed) in acc.items():
-        rows.append({"model": name, "batch": b, "threads": t, "images_per_s": n * b / elapsed,
+        rows.append({"model": name, "variant": variant, "batch": b, "threads": t, "images_per_s": n * b / elapsed,
                      "ms_per_batch": 1000 * elapsed / n, "load1": loads[(t, b)][0], "load1_rounds": loads[(t, b)]})
-        print(f"raw {name:<12} batch {b:>2} threads {t}: {n * b / elapsed:9.1f} images/s", flush=True)
+        print(f"raw {name:<12} {variant:<9} batch {b:>2} threads {t}: {n * b / elapsed:9.1f} images/s", flush=True)
     return rows
 
 
@@ -243,7 +259,8 @@ def main(args: argparse.Namespace) -> dict:
     result = {"raw": [], "cases": []}
     for name in args.raw:
         if RAW_MODELS[name][0].exists():
-            result["raw"] += raw(name, args.batches, threads, args.seconds, args.rounds)
+            for variant in args.variants:
+                result["raw"] += raw(name, args.batches, threads, args.seconds, args.rounds, variant)
     with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
         cases = []
         for item in args.case:
