@@ -27,8 +27,10 @@ stop: $(STAMP)
 status: $(STAMP)
 	$(PY) -m scripts.serve status
 
+# pytest exits 5 when it collected no test: that fails `make test` too, with a message.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing on purpose" >&2; fi; exit $$rc
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
