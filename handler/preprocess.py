@@ -10,6 +10,7 @@ decoder failure into a named 4xx error.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -244,9 +245,15 @@ def to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
     tensor = torch.from_numpy(arr)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     tensor = tensor.to(torch.float32).div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    mean, std = _normalisation(spec.mean, spec.std)
     return tensor.sub_(mean).div_(std).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as (C, 1, 1) tensors, built once per spec rather than once per image."""
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
 def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
