@@ -8,6 +8,10 @@ client sends may raise out of ``handle()`` (that would fail the whole batch).
 from __future__ import annotations
 
 
+class SpecError(ValueError):
+    """A spec or handler setting is invalid; raised at load time, never per request."""
+
+
 class RequestError(Exception):
     """Base class: ``status`` is the HTTP code, ``reason`` the metric label."""
 

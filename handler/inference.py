@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from handler.errors import SpecError
 from handler.preprocess import Prepared
-from handler.spec import ModelSpec, SpecError
+from handler.spec import ModelSpec
 from handler.tta import View, background_fill, expand, merge, parse_view
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from handler.errors import SpecError
 from handler.inference import check_model
-from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec, SpecError
+from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# SpecError lives in handler.errors and MERGE_RULES in handler.tta (tta imports nothing from
+# this module); both stay importable from here: handler.spec.SpecError, handler.spec.MERGE_RULES.
+from handler.errors import SpecError
+from handler.tta import MERGE_RULES, parse_view
+
 SPEC_FILENAME = "spec.json"
 REFERENCE_FILENAME = "reference.json"
 
 RESIZE_POLICIES = ("pad", "stretch", "crop")
-MERGE_RULES = ("mean_prob", "mean_logit")
-
-
-class SpecError(ValueError):
-    """A spec or handler setting is invalid; raised at load time, never per request."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,6 @@ class ModelSpec:
         self._validate()
 
     def _validate(self) -> None:
-        # Imported here: tta imports torch, and spec must stay importable on its own.
-        from handler.tta import parse_view
-
         if len(self.class_names) < 2 or not all(isinstance(c, str) and c for c in self.class_names):
             raise SpecError("spec.class_names must list at least two non-empty names")
         if len(set(self.class_names)) != len(self.class_names):

@@ -20,7 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from handler.spec import MERGE_RULES, SpecError
+from handler.errors import SpecError
+
+MERGE_RULES = ("mean_prob", "mean_logit")
 
 View = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -95,7 +95,7 @@ def test_model_config_handler_section_overrides_the_spec(tiny_model_dir):
 
 
 def test_an_unknown_model_config_setting_fails_at_load_naming_valid_ones(tiny_model_dir):
-    from handler.spec import SpecError
+    from handler.errors import SpecError
 
     ctx = make_context(tiny_model_dir, {"handler": {"ttta": ["identity"]}})
     with pytest.raises(SpecError, match=r"unknown setting\(s\) \['ttta'\]; valid settings are .*'tta'"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from handler.errors import SpecError
 from handler.inference import Policy, check_model, classify
 from handler.postprocess import answer
 from handler.preprocess import Prepared, bytes_to_tensor, image_to_tensor, prepare
-from handler.spec import SpecError
 from scripts.data import eval_tensors, fashion_spec
 from tests.conftest import TinyCNN, png_bytes
 

@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from handler import metrics as handler_metrics
+from handler.errors import SpecError
 from handler.loader import read_model, resolve_threads
-from handler.spec import ModelSpec, SpecError
+from handler.spec import ModelSpec
 from handler.tta import split_views
 from scripts.data import REPO, load_idx_dir, split
 from scripts.export import ExportRefused, check_not_collapsed, check_parity
