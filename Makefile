@@ -16,16 +16,16 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 
 mar: $(MAR)
 $(MAR): $(STAMP) models/fashion_cnn.pt $(HANDLER)
-	$(PY) -m scripts.package
+	$(PY) -m scripts.deploy.package
 
 serve: $(MAR)
-	$(PY) -m scripts.serve start
+	$(PY) -m scripts.deploy.serve start
 
 stop: $(STAMP)
-	$(PY) -m scripts.serve stop
+	$(PY) -m scripts.deploy.serve stop
 
 status: $(STAMP)
-	$(PY) -m scripts.serve status
+	$(PY) -m scripts.deploy.serve status
 
 # pytest exits 5 when it collected no test: that fails `make test` too, with a message.
 test: $(STAMP)
@@ -40,12 +40,12 @@ integration: $(STAMP)
 
 # Reproduce models/fashion_cnn.pt: DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
 train: $(STAMP)
-	$(PY) -m scripts.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
-	$(PY) -m scripts.export
+	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
+	$(PY) -m scripts.train.export
 
 # Roll out a new version beside the running one: make rollout VERSION=2.0 [MODEL=path.pt] [ROLLOUT_ARGS="--retire unregister"]
 rollout: $(STAMP)
-	$(PY) -m scripts.rollout --version $(VERSION) $(if $(MODEL),--model-file $(MODEL)) $(ROLLOUT_ARGS)
+	$(PY) -m scripts.deploy.rollout --version $(VERSION) $(if $(MODEL),--model-file $(MODEL)) $(ROLLOUT_ARGS)
 
 # Benchmarks (results: docs/benchmarks.md). Installs `hey` from Debian if missing.
 bench: $(STAMP) $(MAR)

@@ -16,7 +16,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handler.spec import ModelSpec
-from scripts.data import fashion_spec
+from scripts.train.data import fashion_spec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "datasets" / "fashion-mnist-subset"
@@ -109,7 +109,7 @@ def tiny_handler(tiny_model_dir):
 @pytest.fixture(scope="session")
 def holdout():
     """The trained model's held-out split (images, labels), as saved in the checkpoint split."""
-    from scripts.data import load_idx_dir, split
+    from scripts.train.data import load_idx_dir, split
 
     if not DATA.exists():
         pytest.skip(f"dataset not found at {DATA}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.server import Server, make_server
+from scripts.deploy.harness import Server, make_server
 
 
 def pytest_collection_modifyitems(items):

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from scripts.tsclient import parse_prometheus
+from scripts.deploy.harness import EXAMPLE, REPO
+from scripts.ops.tsclient import parse_prometheus
 from tests.conftest import same_answer
-from tests.integration.server import EXAMPLE, REPO
 from tests.integration.test_inputs_corpus import INVALID, VALID, b64, example, post
 
 MODEL = "fashion_cnn"

@@ -1,4 +1,4 @@
-"""Every ``scripts.ctl`` subcommand (and the scripts.client / scripts.workers entry points) against a real TorchServe.
+"""Every ``scripts.ops.ctl`` subcommand (and the scripts.ops.client / scripts.ops.workers entry points) against a real TorchServe.
 
 The server runs the shipped config (token auth on, model API off) with two versions
 of fashion_cnn listed in load_models, the way several versions are served without
@@ -21,8 +21,8 @@ import pytest
 import requests
 from PIL import Image
 
-from scripts import ctl
-from tests.integration.server import REPO, free_ports, make_two_version_server
+from scripts.deploy.harness import REPO, free_ports, make_two_version_server
+from scripts.ops import ctl
 
 EXAMPLES = sorted((REPO / "examples").glob("*.png"))
 BOOT = REPO / "examples" / "ankle_boot.png"
@@ -52,7 +52,7 @@ def wait_all_ready(server, deadline_s: float = 180.0) -> None:
 
 
 def run_ctl(srv, capsys, *argv: str) -> tuple[int, str]:
-    """``python -m scripts.ctl argv... --config --workdir`` in-process -> (exit code, stdout)."""
+    """``python -m scripts.ops.ctl argv... --config --workdir`` in-process -> (exit code, stdout)."""
     capsys.readouterr()
     code = ctl.main([*argv, "--config", str(srv.config), "--workdir", str(srv.workdir)])
     out = capsys.readouterr()
@@ -138,12 +138,12 @@ def test_set_default_switches_the_answering_version_and_guards_against_503(srv, 
 
 
 def test_workers_cli_scales_and_shows_state(srv):
-    done = run_cli(srv, "scripts.workers", MODEL, "--workers", "2", "--version", "1.0")
+    done = run_cli(srv, "scripts.ops.workers", MODEL, "--workers", "2", "--version", "1.0")
     assert done.returncode == 0, done.stderr
     v1 = versions(srv)["1.0"]
     assert (v1["minWorkers"], v1["maxWorkers"]) == (2, 2)
     assert [w["status"] for w in v1["workers"]] == ["READY", "READY"]  # synchronous: up when it returns
-    shown = run_cli(srv, "scripts.workers", "--json")
+    shown = run_cli(srv, "scripts.ops.workers", "--json")
     state = {v["version"]: v for v in json.loads(shown.stdout)}
     assert shown.returncode == 0 and len(state["1.0"]["workers"]) == 2 and state["1.0"]["default"]
 
@@ -187,7 +187,7 @@ def test_predict_json_top_k_no_tta_and_failures(srv, capsys, tmp_path):
 
 
 def test_client_cli_classifies_many_images(srv):
-    done = run_cli(srv, "scripts.client", str(EXAMPLES[0]), str(EXAMPLES[1]), "--top-k", "2")
+    done = run_cli(srv, "scripts.ops.client", str(EXAMPLES[0]), str(EXAMPLES[1]), "--top-k", "2")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [str(EXAMPLES[0]), str(EXAMPLES[1])]

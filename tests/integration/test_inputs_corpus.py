@@ -22,8 +22,8 @@ import requests
 import yaml
 from PIL import Image, ImageOps
 
+from scripts.deploy.harness import EXAMPLE, REPO
 from tests.conftest import same_answer
-from tests.integration.server import EXAMPLE, REPO
 from tests.unit.test_inputs import png_claiming, tiff_pages
 
 MODEL = "fashion_cnn"

@@ -1,4 +1,4 @@
-"""`make serve` / `make stop` run scripts.serve: start, wait for a real answer, print how to call it; twice is safe."""
+"""`make serve` / `make stop` run scripts.deploy.serve: start, wait for a real answer, print how to call it; twice is safe."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 import requests
 
-from tests.integration.server import REPO, build_store, write_config
+from scripts.deploy.harness import REPO, build_store, write_config
 
 
 def serve(action: str, config, workdir, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.serve", action, "--config", str(config), "--workdir", str(workdir)],
+    return subprocess.run([sys.executable, "-m", "scripts.deploy.serve", action, "--config", str(config), "--workdir", str(workdir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

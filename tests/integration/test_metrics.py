@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import drift
-from scripts.tsclient import parse_prometheus
-from tests.integration.server import REPO, make_two_version_server
+from scripts.deploy.harness import REPO, make_two_version_server
+from scripts.ops import drift
+from scripts.ops.tsclient import parse_prometheus
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()

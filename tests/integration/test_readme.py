@@ -6,7 +6,7 @@ import json
 import re
 import subprocess
 
-from tests.integration.server import REPO
+from scripts.deploy.harness import REPO
 
 
 def readme_block() -> str:

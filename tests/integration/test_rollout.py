@@ -4,7 +4,7 @@ Three client threads send requests the whole time (bounded: they stop after the
 switch, or after 240 s at most) and every answer's X-Model-Version is recorded
 with when the request was sent. Two routes are checked:
 
-- model API on (``enable_model_api=true``, this test's own server only): scripts.rollout
+- model API on (``enable_model_api=true``, this test's own server only): scripts.deploy.rollout
   packages v2 into the store, registers it beside v1, canaries, switches, unregisters v1;
 - model API off (the shipped setting): both archives listed in load_models at start,
   rollout only switches; ctl set-default rolls back; a version that is not loaded is
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from scripts import ctl, rollout
-from scripts.tsclient import TorchServeClient
-from tests.integration.server import REPO, make_server, make_two_version_server
+from scripts.deploy import rollout
+from scripts.deploy.harness import REPO, make_server, make_two_version_server
+from scripts.ops import ctl
+from scripts.ops.tsclient import TorchServeClient
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()

@@ -8,8 +8,8 @@ import json
 import requests
 from PIL import Image
 
+from scripts.deploy.harness import EXAMPLE
 from tests.conftest import same_answer
-from tests.integration.server import EXAMPLE
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -101,7 +101,7 @@ def test_scaling_to_three_workers_and_back(client):
 
 
 def test_custom_metrics_are_published_on_the_metrics_endpoint(client):
-    from scripts.tsclient import parse_prometheus
+    from scripts.ops.tsclient import parse_prometheus
 
     client.predict("fashion_cnn", EXAMPLE.read_bytes())
     client.predict("fashion_cnn", b"", check=False)
@@ -112,7 +112,7 @@ def test_custom_metrics_are_published_on_the_metrics_endpoint(client):
 
 
 def test_http_accuracy_on_the_held_out_split_equals_offline_accuracy(client, holdout, tmp_path):
-    from scripts.eval_http import REPO, accuracy, holdout_pngs, http_predictions, offline_predictions
+    from scripts.evaluate.http_accuracy import REPO, accuracy, holdout_pngs, http_predictions, offline_predictions
     from tests.conftest import DATA
 
     pngs, labels = holdout_pngs(DATA)

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 
 import requests
 
-from scripts import ctl
-from scripts.tsclient import TorchServeClient
-from tests.integration.server import REPO, make_server
+from scripts.deploy.harness import REPO, make_server
+from scripts.ops import ctl
+from scripts.ops.tsclient import TorchServeClient
 
 BOOT = REPO / "examples" / "ankle_boot.png"
 REFUSED = "Token Authorization failed"
@@ -56,7 +56,7 @@ def test_expired_keys_are_renewed_by_the_client_and_ctl(tmp_path_factory, tmp_pa
             assert resp.status_code in (400, 401) and REFUSED in resp.text, (resp.status_code, resp.text)
 
         # the client CLI (a separate process, as a user runs it) renews the inference key and succeeds
-        done = subprocess.run([sys.executable, "-m", "scripts.client", str(BOOT),
+        done = subprocess.run([sys.executable, "-m", "scripts.ops.client", str(BOOT),
                                "--config", str(srv.config), "--workdir", str(srv.workdir)],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr

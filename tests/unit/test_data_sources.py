@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import train
-from scripts.data import load_dataset, load_idx_dir, split
+from scripts.train import train
+from scripts.train.data import load_dataset, load_idx_dir, split
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared dataset not present")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from handler.loader import read_model
-from scripts import drift
+from scripts.ops import drift
 
 BUCKETS = drift.DEFAULT_BUCKETS
 

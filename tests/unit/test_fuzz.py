@@ -24,7 +24,7 @@ from PIL import Image
 
 from handler.errors import RequestError
 from handler.preprocess import Prepared, bytes_to_tensor, prepare
-from scripts.data import fashion_spec
+from scripts.train.data import fashion_spec
 
 SPEC = fashion_spec(limits={"max_pixels": 1_000_000, "max_frames": 8, "max_instances": 4})
 STATUSES = {400, 413, 415}

@@ -1,6 +1,6 @@
 """The same handler serves any image classifier by configuration alone.
 
-A scripted torchvision ResNet-18 (random weights, built by scripts/build_resnet.py)
+A scripted torchvision ResNet-18 (random weights, built by scripts/train/build_resnet.py)
 with a spec of 3 channels, 224x224, resize-256-then-centre-crop and ImageNet
 mean/std is loaded by the unchanged ``TTAClassifierHandler`` through TorchServe's
 real ``Context``, from a model directory laid out as TorchServe unpacks a .mar
@@ -20,7 +20,7 @@ from PIL import Image
 
 from handler.preprocess import Prepared
 from handler.spec import IMAGENET_MEAN, IMAGENET_STD
-from scripts.build_resnet import build
+from scripts.train.build_resnet import build
 from tests.conftest import make_context, run_batch
 
 

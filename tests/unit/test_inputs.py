@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from handler.preprocess import Prepared, bytes_to_tensor, image_to_tensor, prepare
 from handler.tta_classifier import TTAClassifierHandler
-from scripts.data import fashion_spec
+from scripts.train.data import fashion_spec
 from tests.conftest import make_context, run_batch, same_answer
 
 SPEC = fashion_spec()

@@ -11,7 +11,7 @@ from handler.errors import SpecError
 from handler.inference import Policy, check_model, classify
 from handler.postprocess import answer
 from handler.preprocess import Prepared, bytes_to_tensor, image_to_tensor, prepare
-from scripts.data import eval_tensors, fashion_spec
+from scripts.train.data import eval_tensors, fashion_spec
 from tests.conftest import TinyCNN, png_bytes
 
 

@@ -14,9 +14,9 @@ from handler.errors import SpecError
 from handler.loader import read_model, resolve_threads
 from handler.spec import ModelSpec
 from handler.tta import split_views
-from scripts.data import REPO, load_idx_dir, split
-from scripts.export import ExportRefused, check_not_collapsed, check_parity
-from scripts.model import FashionCNN
+from scripts.train.data import REPO, load_idx_dir, split
+from scripts.train.export import ExportRefused, check_not_collapsed, check_parity
+from scripts.train.model import FashionCNN
 from tests.conftest import DATA
 
 
@@ -107,7 +107,7 @@ def test_idx_subset_loads_and_splits_stratified_disjoint_and_reproducibly():
 def test_packaging_a_second_version_keeps_the_first_archive(tmp_path):
     import zipfile
 
-    from scripts import package
+    from scripts.deploy import package
 
     for extra in ([], ["--version", "2.0", "--archive-name", "fashion_cnn_v2"]):
         package.main(package.get_args_parser().parse_args(["--export-path", str(tmp_path), *extra]))

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # scripts/<package>/<module>.py -> the repository
 TOKEN_FAILED = "Token Authorization failed"
 # One lock per key file: threads sharing a key file renew it one at a time.
 _RENEW_LOCKS: dict[Path, threading.Lock] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.tsclient import TorchServeClient, read_properties, wait_ready
+from scripts.ops.tsclient import TorchServeClient, read_properties, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "ankle_boot.png"
@@ -111,8 +111,8 @@ class Server:
 
 
 def build_store(store: Path, archives: list[dict] | None = None) -> Path:
-    """Package archives into ``store`` with scripts.package; default: the shipped model as fashion_cnn.mar."""
-    from scripts import package
+    """Package archives into ``store`` with scripts.deploy.package; default: the shipped model as fashion_cnn.mar."""
+    from scripts.deploy import package
 
     store.mkdir(parents=True, exist_ok=True)
     for spec in archives or [{}]:

@@ -1,13 +1,13 @@
 """Operate a running TorchServe: one thin client of its inference, management and metrics APIs.
 
-    python -m scripts.ctl status                          # models, versions, workers (pid, state, RSS), queues
-    python -m scripts.ctl scale fashion_cnn --workers 3   # min = max = 3, waits until they are up
-    python -m scripts.ctl versions fashion_cnn
-    python -m scripts.ctl set-default fashion_cnn 2.0     # refuses a version with no READY worker
-    python -m scripts.ctl predict examples/*.png [--top-k 5] [--no-tta] [--json]
-    python -m scripts.ctl health                          # exit 0 when healthy, 1 otherwise
-    python -m scripts.ctl metrics [--save snap.prom]      # predictions per label, confidence, rejections, latency
-    python -m scripts.ctl drift --window 300              # live vs training-time reference, PSI verdict
+    python -m scripts.ops.ctl status                          # models, versions, workers (pid, state, RSS), queues
+    python -m scripts.ops.ctl scale fashion_cnn --workers 3   # min = max = 3, waits until they are up
+    python -m scripts.ops.ctl versions fashion_cnn
+    python -m scripts.ops.ctl set-default fashion_cnn 2.0     # refuses a version with no READY worker
+    python -m scripts.ops.ctl predict examples/*.png [--top-k 5] [--no-tta] [--json]
+    python -m scripts.ops.ctl health                          # exit 0 when healthy, 1 otherwise
+    python -m scripts.ops.ctl metrics [--save snap.prom]      # predictions per label, confidence, rejections, latency
+    python -m scripts.ops.ctl drift --window 300              # live vs training-time reference, PSI verdict
 
 Every command reads the keys from key_file.json in --workdir (default: the folder
 of --config, which is where `make serve` starts TorchServe) and, when a key has
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import requests
 
-from scripts import drift
-from scripts.tsclient import REPO, ApiError, TorchServeClient, model_store
+from scripts.ops import drift
+from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
 MODEL = "fashion_cnn"
 MIB = 1024 * 1024
@@ -39,7 +39,7 @@ class Refused(RuntimeError):
     """An operation ctl will not do (it would break serving); exit code 1."""
 
 
-# --- shared argument groups (also used by scripts.client and scripts.workers) ----
+# --- shared argument groups (also used by scripts.ops.client and scripts.ops.workers) ----
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=REPO / "config.properties",
                    help="TorchServe config.properties (addresses, model store); default: the repository's")
@@ -413,7 +413,7 @@ def cmd_drift(args) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_connection_args(common)
-    p = argparse.ArgumentParser(prog="python -m scripts.ctl", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scripts.ops.ctl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

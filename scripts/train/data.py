@@ -20,7 +20,7 @@ from PIL import Image
 from handler.preprocess import image_to_tensor, resize, to_model_mode
 from handler.spec import FASHION_MNIST_CLASSES, ModelSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # scripts/<package>/<module>.py -> the repository
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "fashion-mnist-subset"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -1,11 +1,11 @@
 """Train the VGG-style CNN and write a checkpoint plus a held-out report.
 
-    python -m scripts.train                                  # the shared Fashion-MNIST subset
-    python -m scripts.train --data ~/fashion-mnist/raw       # the official IDX files (t10k held out)
-    python -m scripts.train --data my_images/                # one sub-folder per class
-    python -m scripts.train --download --data data/          # fetch the official files first (online)
+    python -m scripts.train.train                                  # the shared Fashion-MNIST subset
+    python -m scripts.train.train --data ~/fashion-mnist/raw       # the official IDX files (t10k held out)
+    python -m scripts.train.train --data my_images/                # one sub-folder per class
+    python -m scripts.train.train --download --data data/          # fetch the official files first (online)
 
-Then ``python -m scripts.export`` turns the checkpoint into the served TorchScript file.
+Then ``python -m scripts.train.export`` turns the checkpoint into the served TorchScript file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from handler.tta import background_fill
-from scripts.data import REPO, eval_tensors, fashion_spec, load_dataset, split
-from scripts.model import FashionCNN
+from scripts.train.data import REPO, eval_tensors, fashion_spec, load_dataset, split
+from scripts.train.model import FashionCNN
 
 
 def get_args_parser() -> argparse.ArgumentParser:

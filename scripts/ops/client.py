@@ -1,7 +1,7 @@
 """Classify one or many images with the running TorchServe (the same code as ``ctl predict``).
 
-    python -m scripts.client examples/*.png
-    python -m scripts.client examples/coat.png --top-k 5 --no-tta --json
+    python -m scripts.ops.client examples/*.png
+    python -m scripts.ops.client examples/coat.png --top-k 5 --no-tta --json
 
 Reads the inference key from key_file.json (in --workdir, default: the config's
 folder) and renews it through the token API when it has expired. Exit code 0
@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scripts import ctl
+from scripts.ops import ctl
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scripts.client", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scripts.ops.client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ctl.add_predict_args(p)
     ctl.add_connection_args(p)

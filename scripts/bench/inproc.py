@@ -1,7 +1,7 @@
 """In-process ceilings for the benchmark (no TorchServe): raw model images/s and each handler's own cost.
 
-    python -m scripts.bench_inproc --out build/bench/inproc.json                       # raw models only
-    python -m scripts.bench_inproc --case ours_tta_on=build/bench/store/fashion_cnn.mar:examples/ankle_boot.png
+    python -m scripts.bench.inproc --out build/bench/inproc.json                       # raw models only
+    python -m scripts.bench.inproc --case ours_tta_on=build/bench/store/fashion_cnn.mar:examples/ankle_boot.png
 
 Run by ``scripts.bench`` in a fresh process (clean torch thread settings, no server
 running). Two kinds of measurement:
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from scripts.data import REPO
+from scripts.train.data import REPO
 
 RAW_MODELS = {
     "fashion_cnn": (REPO / "models" / "fashion_cnn.pt", (1, 28, 28)),

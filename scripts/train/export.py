@@ -1,6 +1,6 @@
 """Export a training checkpoint to the served TorchScript file, with its spec and reference.
 
-    python -m scripts.export                       # build/train/checkpoint.pt -> models/fashion_cnn.pt
+    python -m scripts.train.export                       # build/train/checkpoint.pt -> models/fashion_cnn.pt
 
 The exporter refuses to write the artifact unless:
 - the scripted model matches the eager model on a real held-out batch (max |diff| < 1e-5);
@@ -24,9 +24,9 @@ import torch
 from handler.inference import Policy, classify
 from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
 from handler.tta import split_views
-from scripts.data import REPO, eval_tensors
-from scripts.model import FashionCNN
-from scripts.train import predict_logits
+from scripts.train.data import REPO, eval_tensors
+from scripts.train.model import FashionCNN
+from scripts.train.train import predict_logits
 
 PARITY_TOLERANCE = 1e-5
 

@@ -1,8 +1,8 @@
 """Roll out a new model version without dropping requests: package, load beside, check, switch, retire.
 
-    python -m scripts.rollout --version 2.0                               # models/fashion_cnn.pt as 2.0
-    python -m scripts.rollout --version 2.0 --model-file new.pt --retire unregister
-    python -m scripts.rollout --version 2.0 --model-config v2-config.yaml  # another serving policy
+    python -m scripts.deploy.rollout --version 2.0                               # models/fashion_cnn.pt as 2.0
+    python -m scripts.deploy.rollout --version 2.0 --model-file new.pt --retire unregister
+    python -m scripts.deploy.rollout --version 2.0 --model-config v2-config.yaml  # another serving policy
 
 Steps (docs/operations.md explains them and the choices):
 1. package the TorchScript file as ``<name>_v<version>.mar`` in the model store (built in a
@@ -33,15 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts import ctl
-from scripts import package as packager
-from scripts.tsclient import REPO, ApiError, TorchServeClient, model_store
+from scripts.deploy import package as packager
+from scripts.ops import ctl
+from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
 EXAMPLE = REPO / "examples" / "ankle_boot.png"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scripts.rollout", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scripts.deploy.rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", required=True, help="the new version number, e.g. 2.0")
     p.add_argument("--name", default=ctl.MODEL, help="model name")
@@ -77,7 +77,7 @@ def model_api_off(args) -> ctl.Refused:
     return ctl.Refused(
         f"{args.name} {args.version} is not loaded and this TorchServe cannot load a model while it runs "
         "(enable_model_api=false: POST /models answers 405). Either package it "
-        f"(python -m scripts.package --version {args.version} --archive-name {archive[:-4]}), list {archive} in "
+        f"(python -m scripts.deploy.package --version {args.version} --archive-name {archive[:-4]}), list {archive} in "
         "load_models next to the current archive, restart, and rerun this to switch; or run TorchServe with "
         "enable_model_api=true (docs/operations.md explains the trade-off)."
     )
@@ -154,7 +154,7 @@ def rollout(args) -> int:
         else:
             print(client.unregister(args.name, old["version"]).get("status"))
     else:
-        print(f"{old['version']} stays loaded; roll back with: python -m scripts.ctl set-default {args.name} {old['version']}")
+        print(f"{old['version']} stays loaded; roll back with: python -m scripts.ops.ctl set-default {args.name} {old['version']}")
     print(ctl.format_state(ctl.model_state(client, args.name)))
     return 0
 

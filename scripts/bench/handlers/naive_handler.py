@@ -1,6 +1,6 @@
 """The baseline users start from: a TorchServe image-classifier handler written the common tutorial way.
 
-Benchmark only (scripts/bench.py), never served. Per request it decodes the image
+Benchmark only (scripts/bench/run.py), never served. Per request it decodes the image
 with PIL, runs a torchvision ``Compose`` on it, and calls the model once per
 image **and once per TTA view** on a batch of one, then averages the views'
 probabilities. That is what most "add TTA to your handler" examples do.

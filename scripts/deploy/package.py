@@ -1,7 +1,7 @@
 """Package a TorchScript classifier and the handler into a .mar with torch-model-archiver.
 
-    python -m scripts.package                                   # models/fashion_cnn.pt -> model_store/fashion_cnn.mar
-    python -m scripts.package --model my.pt --spec my_spec.json --name mynet --version 2.0
+    python -m scripts.deploy.package                                   # models/fashion_cnn.pt -> model_store/fashion_cnn.mar
+    python -m scripts.deploy.package --model my.pt --spec my_spec.json --name mynet --version 2.0
 
 The archive holds the model (``.pt``), the handler entry point, the ``handler``
 package (shipped with ``--extra-files``), ``spec.json`` / ``reference.json``
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from handler.loader import read_model
 from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
-from scripts.data import REPO
+from scripts.train.data import REPO
 
 HANDLER_DIR = REPO / "handler"
 ENTRY_POINT = HANDLER_DIR / "tta_classifier.py"

@@ -1,8 +1,8 @@
 """Start, stop and inspect the TorchServe serving this repository's model store.
 
-    python -m scripts.serve start    # torchserve --start --ts-config config.properties, wait until the model answers
-    python -m scripts.serve status
-    python -m scripts.serve stop     # torchserve --stop
+    python -m scripts.deploy.serve start    # torchserve --start --ts-config config.properties, wait until the model answers
+    python -m scripts.deploy.serve status
+    python -m scripts.deploy.serve stop     # torchserve --stop
 
 Used by ``make serve`` / ``make stop``. Starting twice is safe: if the model
 already answers, ``start`` only prints how to call it.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.tsclient import REPO, ApiError, TorchServeClient, read_properties, wait_ready
+from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, read_properties, wait_ready
 
 EXAMPLE = REPO / "examples" / "ankle_boot.png"
 
@@ -87,14 +87,14 @@ TorchServe is serving '{model}'  (example: {EXAMPLE.name} -> {answer['label']}, 
   management  {mgmt}/models/{model}
   metrics     {met}/metrics
   keys        {key_file}  (token auth is on; inference keys expire after 60 min: renew with
-              python -m scripts.ctl health, or GET {mgmt}/token?type=inference with the API key)
+              python -m scripts.ops.ctl health, or GET {mgmt}/token?type=inference with the API key)
 
 Call it:
   TOKEN=$(python3 -c 'import json; print(json.load(open("{key_file}"))["inference"]["key"])')
   curl -H "Authorization: Bearer $TOKEN" -T examples/ankle_boot.png {inf}/predictions/{model}
   curl -H "Authorization: Bearer $TOKEN" -H "X-TTA: off" -H "X-Top-K: 5" -F data=@examples/coat.png {inf}/predictions/{model}
 
-Or with the client:  .venv/bin/python -m scripts.client examples/*.png
+Or with the client:  .venv/bin/python -m scripts.ops.client examples/*.png
 Stop it with:        make stop
 """
 

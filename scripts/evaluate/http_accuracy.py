@@ -1,9 +1,9 @@
 """Held-out accuracy measured through the HTTP API of a running TorchServe, with and without TTA.
 
-    make serve && python -m scripts.eval_http          # against config.properties' addresses
-    python -m scripts.eval_http --offline               # the same split in-process (no server)
+    make serve && python -m scripts.evaluate.http_accuracy          # against config.properties' addresses
+    python -m scripts.evaluate.http_accuracy --offline               # the same split in-process (no server)
 
-Both paths use the held-out split that training used (scripts.data.split, seed 0);
+Both paths use the held-out split that training used (scripts.train.data.split, seed 0);
 the integration tests assert that the two agree image by image.
 """
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from handler.inference import Policy, classify
 from handler.loader import read_model
 from handler.preprocess import bytes_to_tensor
-from scripts.data import DEFAULT_DATA, REPO, load_idx_dir, split
+from scripts.train.data import DEFAULT_DATA, REPO, load_idx_dir, split
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.offline:
             preds = offline_predictions(args.model_file, pngs, tta)
         else:
-            from scripts.tsclient import TorchServeClient
+            from scripts.ops.tsclient import TorchServeClient
 
             preds = http_predictions(TorchServeClient.from_config(args.config), args.model, pngs, tta, args.concurrency)
         results["accuracy_tta" if tta else "accuracy_no_tta"] = accuracy(preds, labels)

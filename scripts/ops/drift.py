@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from scripts.tsclient import parse_prometheus
+from scripts.ops.tsclient import parse_prometheus
 
 WARN_PSI = 0.1
 ALERT_PSI = 0.25

@@ -6,20 +6,20 @@
 
 One command regenerates everything: it installs ``hey`` (Debian) and the ``bench``
 extra (scikit-learn for two real JPEG photos, captum for TorchServe's built-in
-vision handlers) when missing, builds the ResNet-18 (scripts/build_resnet.py),
-packages every archive, measures the in-process ceilings (scripts/bench_inproc.py),
+vision handlers) when missing, builds the ResNet-18 (scripts/train/build_resnet.py),
+packages every archive, measures the in-process ceilings (scripts/bench/inproc.py),
 then starts real TorchServe servers from the shipped config.properties (private
-ports, TMPDIR and token keys, via tests/integration/server.py) and drives them with
+ports, TMPDIR and token keys, via scripts/deploy/harness.py) and drives them with
 ``hey`` on 127.0.0.1 only. Raw results go to docs/benchmarks.json (with the
 system load average at the start of every scenario: other work on the machine
-shows there) and docs/benchmarks.md is generated from them (scripts/bench_report.py).
+shows there) and docs/benchmarks.md is generated from them (scripts/bench/report.py).
 
 Phases (each its own server; scenarios that are compared run back to back):
 
 - ``fashion``: Fashion CNN at the shipped model-config (batch 8, 2 workers): our
   handler with TTA off / on (2 views, the default) / on (4 views), the naive
-  tutorial handler (bench/naive_handler.py) off / 2 / 4 views, the no-op handler
-  (bench/noop_handler.py); concurrency 1, 8, 32.
+  tutorial handler (scripts/bench/handlers/naive_handler.py) off / 2 / 4 views, the no-op handler
+  (scripts/bench/handlers/noop_handler.py); concurrency 1, 8, 32.
 - ``sweep``: our handler, TTA on, batch size 1/8/16 x workers 1/2; concurrency 1, 8, 16, 32.
 - ``resnet``: scripted ResNet-18 with our handler vs TorchServe's ``image_classifier``,
   same .pt, 2 workers, batch 1 and 8, a 640x427 JPEG photo.
@@ -47,11 +47,12 @@ import psutil
 import tomllib
 import yaml
 
-from scripts.data import REPO
-from scripts.tsclient import TorchServeClient
-from tests.integration.server import Server, write_config
+from scripts.deploy.harness import Server, write_config
+from scripts.ops.tsclient import TorchServeClient
+from scripts.train.data import REPO
 
 BUILD = REPO / "build" / "bench"
+HANDLERS = Path(__file__).resolve().parent / "handlers"  # the baseline handlers packaged into benchmark .mar files
 FASHION_PT = REPO / "models" / "fashion_cnn.pt"
 FASHION_IMAGE = REPO / "examples" / "ankle_boot.png"
 SHIPPED_CONFIG = REPO / "handler" / "model-config.yaml"
@@ -142,14 +143,14 @@ def derive_config(path: Path, batch: int | None = None, workers: int | None = No
 
 def archive(kind: str, name: str, store: Path, config: Path, model: Path | None = None, spec: Path | None = None,
             extra: list[Path] | None = None) -> Path:
-    """Package one .mar: ``ours`` with scripts.package; the others with the same torch-model-archiver call."""
-    from scripts import package
+    """Package one .mar: ``ours`` with scripts.deploy.package; the others with the same torch-model-archiver call."""
+    from scripts.deploy import package
 
     if kind == "ours":
         args = package.get_args_parser().parse_args([])
         args.model, args.spec, args.name, args.config, args.export_path = model, spec, name, config, store
         return package.main(args)
-    handler = {"naive": REPO / "bench" / "naive_handler.py", "noop": REPO / "bench" / "noop_handler.py",
+    handler = {"naive": HANDLERS / "naive_handler.py", "noop": HANDLERS / "noop_handler.py",
                "builtin": "image_classifier"}[kind]
     cmd = [package.archiver(), "--model-name", name, "--version", "1.0", "--handler", str(handler),
            "--config-file", str(config), "--export-path", str(store), "--archive-format", "default", "--force"]
@@ -189,7 +190,7 @@ def start_server(workdir: Path, archives: list[dict], env: dict | None = None) -
     """A real TorchServe from the shipped config.properties with ``archives`` loaded.
 
     ``archives``: [{"kind", "name", "config", "model", "spec", "extra"}]. The harness
-    (tests/integration/server.py) rewrites ports, paths and TMPDIR and waits until the
+    (scripts/deploy/harness.py) rewrites ports, paths and TMPDIR and waits until the
     first archive answers the example PNG with a label; the others are waited for by
     worker status.
     """
@@ -530,7 +531,7 @@ def phase_sweep(ctx: dict, results: list, extra: dict) -> None:
 
 
 def resnet_archives(ctx: dict, batches=(1, 8), builtin_only: bool = False) -> list[dict]:
-    from scripts.build_resnet import build
+    from scripts.train.build_resnet import build
 
     paths = build()
     cfg = ctx["workdir"] / "configs"
@@ -553,7 +554,7 @@ def raw_ceiling(ctx: dict, model: str, extra: dict, batches=(1, 8, 32)) -> None:
     """
     seconds = ctx["inproc_seconds"]
     out = ctx["workdir"] / f"raw_{model}.json"
-    subprocess.run([sys.executable, "-m", "scripts.bench_inproc", "--out", str(out), "--raw", model,
+    subprocess.run([sys.executable, "-m", "scripts.bench.inproc", "--out", str(out), "--raw", model,
                     "--seconds", str(seconds), "--batches", *map(str, batches)], cwd=REPO, check=True)
     rows = [r for r in json.loads(out.read_text())["raw"]]
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -561,7 +562,7 @@ def raw_ceiling(ctx: dict, model: str, extra: dict, batches=(1, 8, 32)) -> None:
         for variant in ("exported", "served"):
             for b in batches:
                 outs = [ctx["workdir"] / f"raw_{model}_{variant}_b{b}_p{i}.json" for i in range(nproc)]
-                procs = [subprocess.Popen([sys.executable, "-m", "scripts.bench_inproc", "--out", str(o), "--raw", model,
+                procs = [subprocess.Popen([sys.executable, "-m", "scripts.bench.inproc", "--out", str(o), "--raw", model,
                                            "--seconds", str(seconds), "--batches", str(b), "--threads", "1",
                                            "--rounds", "1", "--variants", variant],
                                           cwd=REPO, stdout=subprocess.DEVNULL) for o in outs]
@@ -647,7 +648,7 @@ def phase_inproc(ctx: dict, extra: dict) -> None:
             cases.append(f"ResNet-18, built-in, 1 thread={mar}:{photo_path}:@threads=1")
     raw_ceiling(ctx, "fashion_cnn", extra)
     out = wd / "inproc.json"
-    cmd = [sys.executable, "-m", "scripts.bench_inproc", "--out", str(out), "--seconds", str(ctx["inproc_seconds"]),
+    cmd = [sys.executable, "-m", "scripts.bench.inproc", "--out", str(out), "--seconds", str(ctx["inproc_seconds"]),
            "--raw"]
     for c in cases:
         cmd += ["--case", c]
@@ -685,7 +686,7 @@ def machine() -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from scripts import bench_report
+    from scripts.bench import report as bench_report
 
     if args.report_only:
         result = json.loads(args.out_json.read_text())

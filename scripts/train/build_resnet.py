@@ -1,8 +1,8 @@
 """Build a scripted torchvision ResNet-18 (random weights, no download) and the spec that serves it.
 
-    python -m scripts.build_resnet                      # -> build/resnet18/{resnet18.pt, spec.json, index_to_name.json}
-    python -m scripts.package --model build/resnet18/resnet18.pt --spec build/resnet18/spec.json \\
-        --name resnet18 --config bench/resnet18-config.yaml
+    python -m scripts.train.build_resnet                      # -> build/resnet18/{resnet18.pt, spec.json, index_to_name.json}
+    python -m scripts.deploy.package --model build/resnet18/resnet18.pt --spec build/resnet18/spec.json \\
+        --name resnet18 --config my-resnet18-config.yaml
 
 It shows that the handler serves any image classifier by configuration: the same
 ``handler/`` code that serves the 1x28x28 Fashion CNN serves this 3x224x224,
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from handler.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-from scripts.data import REPO
+from scripts.train.data import REPO
 
 DEFAULT_OUT = REPO / "build" / "resnet18"
 

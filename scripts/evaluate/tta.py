@@ -1,14 +1,14 @@
 """Measure what each TTA policy buys: held-out accuracy and calibration, through the handler's own code.
 
-    python -m scripts.eval_tta                      # models/fashion_cnn.pt on the shared subset -> docs/tta.md + .png
-    python -m scripts.eval_tta --policies "identity,hflip" "identity,hflip,shift(1,0),shift(-1,0)"
+    python -m scripts.evaluate.tta                      # models/fashion_cnn.pt on the shared subset -> docs/tta.md + .png
+    python -m scripts.evaluate.tta --policies "identity,hflip" "identity,hflip,shift(1,0),shift(-1,0)"
 
 Every policy runs through ``handler.inference.classify`` with a ``Policy`` built by
 ``Policy.from_spec`` (the server's path: one forward pass per batch, the spec's
-temperature and merge rule) on images preprocessed by ``scripts.data.eval_tensors``
+temperature and merge rule) on images preprocessed by ``scripts.train.data.eval_tensors``
 (``handler.preprocess.image_to_tensor``, the server's preprocessing).
 
-The splits are rebuilt exactly as training made them (``scripts.data.split``, seed
+The splits are rebuilt exactly as training made them (``scripts.train.data.split``, seed
 0): calibration (351 images, fitted only the temperature) and held-out (701). Both
 are small, so the default is the cheapest label-preserving policy whose gain over
 TTA off shows on *both* splits (see ``choose``). Every policy is compared with
@@ -37,8 +37,8 @@ from handler.inference import Policy, classify
 from handler.loader import read_model
 from handler.spec import ModelSpec
 from handler.tta import split_views
-from scripts.data import DEFAULT_DATA, REPO, eval_tensors, load_idx_dir, split
-from scripts.export import expected_calibration_error
+from scripts.train.data import DEFAULT_DATA, REPO, eval_tensors, load_idx_dir, split
+from scripts.train.export import expected_calibration_error
 
 # Candidate policies: identity (TTA off), the label-preserving views the model was
 # trained with (hflip, shifts up to 2 px), zooms it was not trained with, and vflip
@@ -334,7 +334,7 @@ def markdown(result: dict, command: str) -> str:
         "",
         "Significant differences from TTA off on the held-out split (McNemar p < 0.05): " + significant + ".",
         "",
-        "Selection rule (`scripts/eval_tta.py:choose`): candidates are label-preserving policies whose paired gain "
+        "Selection rule (`scripts/evaluate/tta.py:choose`): candidates are label-preserving policies whose paired gain "
         "over TTA off is >= 0 on the calibration split *and* on the held-out split; among them the highest pooled "
         "accuracy wins, policies within one image of it are tied, and ties go to fewer views, then lower NLL. "
         "Because the held-out split takes part in the choice, the chosen row's held-out gain is, if anything, "
@@ -375,7 +375,7 @@ def markdown(result: dict, command: str) -> str:
         "[benchmarks.md](benchmarks.md).",
         "- Choose per deployment in `handler/model-config.yaml` (`handler: tta: [identity, hflip]`, "
         "`merge: mean_prob`), per request with `X-TTA: off`, or bake it into the model with "
-        "`python -m scripts.export --tta identity,hflip,...`.",
+        "`python -m scripts.train.export --tta identity,hflip,...`.",
         "",
     ]
     return "\n".join(lines)
@@ -383,7 +383,7 @@ def markdown(result: dict, command: str) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     result = json.loads(args.out_json.read_text()) if args.replot else run(args)
-    command = "python -m scripts.eval_tta" + ("" if args.policies == list(POLICIES) else " --policies ...")
+    command = "python -m scripts.evaluate.tta" + ("" if args.policies == list(POLICIES) else " --policies ...")
     args.out_md.parent.mkdir(parents=True, exist_ok=True)
     args.out_md.write_text(markdown(result, command))
     plot(result, args.out_png)
