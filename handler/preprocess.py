@@ -1,8 +1,9 @@
 """Image bytes -> normalised tensor, exactly as training's eval transform does it.
 
-``image_to_tensor(img, spec)`` is THE preprocessing function: training's eval
-dataset calls it on PIL images built from IDX arrays and the handler calls it on
-decoded uploads, so the two cannot drift apart.  ``decode_image`` is the
+``image_to_input(img, spec)`` is THE preprocessing function (decode -> upright ->
+canonicalise or resize -> tensor): training's datasets call it on PIL images built
+from IDX arrays and rendered photos, and the handler calls it on decoded uploads,
+so the two cannot drift apart.  ``decode_image`` is the
 hardened front half used for untrusted bytes: it enforces the pixel and frame
 limits from the image header before any pixel is decoded and turns every
 decoder failure into a named 4xx error.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from handler.canonical import Canonical, canonicalise
 from handler.errors import EmptyRequest, ImageTooLarge, InvalidImage, RequestError, UnsupportedMediaType
 from handler.request import Options, parse_request
 from handler.spec import Limits, ModelSpec
@@ -193,14 +195,13 @@ def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def to_model_mode(img: Image.Image, spec: ModelSpec) -> Image.Image:
-    """Upright the image and convert any Pillow mode to 'L' or 'RGB' as the spec asks.
+def upright_8bit(img: Image.Image, spec: ModelSpec) -> Image.Image:
+    """Upright the image and bring any Pillow mode to 8-bit 'L' or 'RGB', keeping its colour.
 
     Transparent pixels are composited onto ``spec.background`` (not dropped), so a
     transparent PNG looks like the training data's background.
     """
     img = _exif_upright(img)
-    target = "L" if spec.channels == 1 else "RGB"
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _high_depth_to_8bit(img)
     has_alpha = img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
@@ -208,9 +209,20 @@ def to_model_mode(img: Image.Image, spec: ModelSpec) -> Image.Image:
         bg = spec.background if len(spec.background) == 3 else spec.background * 3
         base = Image.new("RGBA", img.size, (*bg, 255))
         img = Image.alpha_composite(base, img.convert("RGBA"))
-    if img.mode != target:
-        img = img.convert(target)
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
     return img
+
+
+def model_mode(spec: ModelSpec) -> str:
+    return "L" if spec.channels == 1 else "RGB"
+
+
+def to_model_mode(img: Image.Image, spec: ModelSpec) -> Image.Image:
+    """Upright the image and convert any Pillow mode to 'L' or 'RGB' as the spec asks."""
+    img = upright_8bit(img, spec)
+    target = model_mode(spec)
+    return img if img.mode == target else img.convert(target)
 
 
 def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
@@ -256,18 +268,40 @@ def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tor
             torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
+def canonical_image(img: Image.Image, spec: ModelSpec) -> Canonical:
+    """The image the model sees, in its mode and size, with the raw-image signals.
+
+    With ``spec.canonical`` the photo is canonicalised (``handler.canonical``);
+    without it, it is resized by ``spec.resize`` and has no signals.
+    """
+    if spec.canonical is None:
+        return Canonical(resize(to_model_mode(img, spec), spec), (), False)
+    return canonicalise(upright_8bit(img, spec), spec.canonical, spec.input_size, model_mode(spec), spec.background)
+
+
+def image_to_input(img: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one preprocessing path shared by training and serving: (tensor, signals or None)."""
+    canonical = canonical_image(img, spec)
+    signals = torch.tensor(canonical.signals, dtype=torch.float32) if canonical.signals else None
+    return to_tensor(canonical.image, spec), signals
+
+
 def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
-    """The one preprocessing path shared by training (eval transform) and serving."""
-    return to_tensor(resize(to_model_mode(img, spec), spec), spec)
+    """``image_to_input`` without the signals: training's eval transform."""
+    return image_to_input(img, spec)[0]
+
+
+def bytes_to_input(data: bytes, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Untrusted bytes -> (model input tensor, signals), or a RequestError naming the problem."""
+    img = decode_image(data, spec.limits)
+    try:
+        return image_to_input(img, spec)
+    except Exception as exc:  # a decodable image Pillow still cannot convert is the client's
+        raise InvalidImage(f"The {img.format} image in mode {img.mode} could not be converted: {exc}.") from None
 
 
 def bytes_to_tensor(data: bytes, spec: ModelSpec) -> torch.Tensor:
-    """Untrusted bytes -> model input tensor, or a RequestError naming the problem."""
-    img = decode_image(data, spec.limits)
-    try:
-        return image_to_tensor(img, spec)
-    except Exception as exc:  # a decodable image Pillow still cannot convert is the client's
-        raise InvalidImage(f"The {img.format} image in mode {img.mode} could not be converted: {exc}.") from None
+    return bytes_to_input(data, spec)[0]
 
 
 @dataclass(frozen=True)
@@ -275,6 +309,7 @@ class Prepared:
     """A request that parsed and decoded: its tensors, options, and how to answer it."""
 
     tensors: list[torch.Tensor]
+    signals: list[torch.Tensor | None]  # raw-image signals per image (None without canonicalisation)
     options: list[Options]
     is_list: bool  # {"instances": [...]}: answer with a list
     explain: bool  # /explanations: add the per-view breakdown
@@ -289,10 +324,12 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
         return DESCRIBE
     try:
         parsed = parse_request(item, headers, spec.num_classes, spec.limits.max_instances)
-        tensors = []
+        tensors, signals = [], []
         for i, data in enumerate(parsed.images):
             try:
-                tensors.append(bytes_to_tensor(data, spec))
+                tensor, signal = bytes_to_input(data, spec)
+                tensors.append(tensor)
+                signals.append(signal)
             except RequestError as exc:
                 if parsed.from_json and isinstance(exc, UnsupportedMediaType):  # the JSON body itself was fine
                     exc = InvalidImage(f'"image" holds valid base64, but {exc.message[0].lower()}{exc.message[1:]}')
@@ -301,4 +338,4 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
                 raise exc from None
     except RequestError as exc:
         return exc
-    return Prepared(tensors, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true")
+    return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true")

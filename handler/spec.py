@@ -3,7 +3,9 @@
 The spec is the single source of truth for how an image becomes a tensor
 (size, channels, mean/std, resize policy, background for transparency), what
 the outputs mean (class names, temperature) and how the server answers (TTA
-policy, merge rule, "uncertain" threshold, default top-k).  Training writes it
+policy, merge rule, "uncertain" threshold, default top-k), how a photo is brought
+into the training distribution (``canonical``) and which out-of-distribution
+detector and threshold apply (``ood``).  Training writes it
 into the TorchScript file (``_extra_files={"spec.json": ...}``) and into the
 archive; the handler reads it once in ``initialize()`` and may override the
 serving fields from the ``handler:`` section of ``model-config.yaml``.
@@ -19,7 +21,9 @@ from typing import Any
 
 # SpecError lives in handler.errors and MERGE_RULES in handler.tta (tta imports nothing from
 # this module); both stay importable from here: handler.spec.SpecError, handler.spec.MERGE_RULES.
+from handler.canonical import CanonicalSpec
 from handler.errors import SpecError
+from handler.ood import OODSpec
 from handler.tta import MERGE_RULES, parse_view
 
 SPEC_FILENAME = "spec.json"
@@ -60,6 +64,10 @@ class ModelSpec:
     top_k: int = 3
     name: str = "model"
     limits: Limits = field(default_factory=Limits)
+    # Bring photos into the training distribution before resizing (handler.canonical); null: resize only.
+    canonical: CanonicalSpec | None = None
+    # Which out-of-distribution detector answers "out_of_distribution", and its threshold (handler.ood).
+    ood: OODSpec = field(default_factory=OODSpec)
 
     def __post_init__(self) -> None:
         # Normalise sequences that came from JSON lists into tuples (the dataclass is frozen).
@@ -68,11 +76,16 @@ class ModelSpec:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise SpecError(f"spec.{name} must be a list, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if isinstance(self.limits, Mapping):
-            object.__setattr__(self, "limits", _build(Limits, self.limits, "limits"))
+        for name, kind in (("limits", Limits), ("canonical", CanonicalSpec), ("ood", OODSpec)):
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, _build(kind, getattr(self, name), name))
         self._validate()
 
     def _validate(self) -> None:
+        if self.canonical is not None and not isinstance(self.canonical, CanonicalSpec):
+            raise SpecError(f"spec.canonical must be an object of settings or null; got {self.canonical!r}")
+        if not isinstance(self.ood, OODSpec):
+            raise SpecError(f"spec.ood must be an object of settings; got {self.ood!r}")
         if len(self.class_names) < 2 or not all(isinstance(c, str) and c for c in self.class_names):
             raise SpecError("spec.class_names must list at least two non-empty names")
         if len(set(self.class_names)) != len(self.class_names):
@@ -138,8 +151,8 @@ class ModelSpec:
             return self
         merged = self.to_dict()
         for key, value in overrides.items():
-            if key == "limits" and isinstance(value, Mapping):
-                merged["limits"] = {**merged["limits"], **value}
+            if key in ("limits", "canonical", "ood") and isinstance(value, Mapping) and merged.get(key):
+                merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value
         return _build(ModelSpec, merged, "handler")

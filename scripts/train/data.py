@@ -1,9 +1,9 @@
 """Datasets for training and evaluation: IDX files, class-per-folder trees, or a download.
 
 Every source is reduced to uint8 arrays already in the model's mode and size
-(via ``handler.preprocess.to_model_mode`` and ``resize``) plus integer labels;
-``eval_tensors`` then runs ``handler.preprocess.image_to_tensor`` on each, the
-very function the server runs on uploads.
+(via ``handler.preprocess.canonical_image``, the server's canonicalisation) plus
+integer labels; ``eval_inputs`` then runs ``handler.preprocess.image_to_input`` on
+each, the very function the server runs on uploads.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handler.preprocess import image_to_tensor, resize, to_model_mode
+from handler.canonical import CanonicalSpec
+from handler.preprocess import canonical_image, image_to_input
 from handler.spec import FASHION_MNIST_CLASSES, ModelSpec
 
 REPO = Path(__file__).resolve().parents[2]  # scripts/<package>/<module>.py -> the repository
@@ -108,7 +109,7 @@ def load_folder(directory: Path, spec: ModelSpec) -> Dataset:
         for path in sorted((directory / name).rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 with Image.open(path) as img:
-                    images.append(np.asarray(resize(to_model_mode(img, spec), spec), dtype=np.uint8))
+                    images.append(np.asarray(canonical_image(img, spec).image, dtype=np.uint8))
                 labels.append(index)
     if not images:
         raise FileNotFoundError(f"{directory}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -163,10 +164,26 @@ def split(dataset: Dataset, seed: int = 0, holdout: float = 0.2, calib: float = 
     return Split(np.sort(np.asarray(train)), np.sort(np.asarray(cal)), np.sort(np.asarray(held)))
 
 
-def eval_tensors(images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """Training's eval transform: the handler's ``image_to_tensor`` on every image."""
-    mode = "L" if images.ndim == 3 else "RGB"
-    return torch.stack([image_to_tensor(Image.fromarray(img, mode=mode), spec) for img in images])
+def eval_inputs(images, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training's eval transform: the handler's ``image_to_input`` on every image (arrays or PIL images).
+
+    Returns the stacked tensors and the raw-image signals (None without canonicalisation).
+    """
+    pairs = [image_to_input(_as_image(img), spec) for img in images]
+    tensors = torch.stack([t for t, _ in pairs])
+    signals = torch.stack([s for _, s in pairs]) if pairs and pairs[0][1] is not None else None
+    return tensors, signals
+
+
+def eval_tensors(images, spec: ModelSpec) -> torch.Tensor:
+    """``eval_inputs`` without the signals."""
+    return eval_inputs(images, spec)[0]
+
+
+def _as_image(img) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img
+    return Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB")
 
 
 def fashion_spec(**overrides) -> ModelSpec:
@@ -184,6 +201,7 @@ def fashion_spec(**overrides) -> ModelSpec:
         merge="mean_prob",
         threshold=0.5,
         top_k=3,
+        canonical=CanonicalSpec(),
     )
     base.update(overrides)
     return ModelSpec(**base)
