@@ -8,11 +8,13 @@ produces all logits; they are split back per view and merged per image.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from handler.errors import SpecError
+from handler.ood import Detector
 from handler.preprocess import Prepared
 from handler.spec import ModelSpec
 from handler.tta import View, background_fill, expand, merge, parse_view
@@ -27,15 +29,18 @@ class Policy:
     fill: torch.Tensor
     merge: str
     temperature: float
+    detector: Detector | None = None
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec) -> Policy:
+    def from_spec(cls, spec: ModelSpec, ood_params: dict | None = None) -> Policy:
+        """The spec's policy; ``ood_params`` is the model's ood.json (needed by the features detector)."""
         return cls(
             names=spec.tta,
             views=tuple(parse_view(name) for name in spec.tta),
             fill=background_fill(spec),
             merge=spec.merge,
             temperature=float(spec.temperature),
+            detector=Detector.build(spec.ood, float(spec.temperature), ood_params),
         )
 
 
@@ -45,16 +50,34 @@ class BatchResult:
     n_views: torch.Tensor  # (N,) views merged per image (1 where TTA was off)
     disagree: torch.Tensor  # (N,) bool: the views' top-1 classes differ
     view_probs: list[torch.Tensor]  # per image: (n_views, K) probabilities of each view
+    ood_score: torch.Tensor | None = None  # (N,) higher = less like the training data (identity view)
+    ood: torch.Tensor | None = None  # (N,) bool: flagged out of distribution
+    ood_parts: dict[str, torch.Tensor] | None = None  # each part of the score, (N,)
 
 
-def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, use_tta: torch.Tensor, policy: Policy) -> BatchResult:
-    """Classify a batch ``x`` (N, C, H, W); ``use_tta`` (N,) bool selects the images that get all views."""
+def forward(model, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, embedding) in one pass; the embedding only when asked for (``forward_features``)."""
+    with torch.inference_mode():
+        if features:
+            logits, embedding, _ = model.forward_features(x)
+            return logits.float(), embedding
+        return model(x).float(), None
+
+
+def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, use_tta: torch.Tensor, policy: Policy,
+             signals: torch.Tensor | None = None) -> BatchResult:
+    """Classify a batch ``x`` (N, C, H, W); ``use_tta`` (N,) bool selects the images that get all views.
+
+    ``signals`` (N, S) are the raw-image signals from canonicalisation; the out-of-distribution
+    score is computed when the detector has what it needs (the features detector needs them).
+    """
     n = x.shape[0]
     on = torch.nonzero(use_tta, as_tuple=False).flatten()
     extra = policy.views[1:] if len(on) else ()
     stacked = torch.cat([x, expand(x[on], list(extra), policy.fill)]) if extra else x
-    with torch.inference_mode():
-        logits = model(stacked).float()
+    detector = policy.detector
+    features = detector is not None and detector.needs_features and signals is not None
+    logits, embedding = forward(model, stacked, features)
     k = logits.shape[-1]
     base = logits[:n]
     probs = torch.softmax(base / policy.temperature, dim=-1)
@@ -70,7 +93,12 @@ def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, u
         each = torch.softmax(per_view / policy.temperature, dim=-1)
         for j, i in enumerate(on.tolist()):
             view_probs[i] = each[:, j]
-    return BatchResult(probs, n_views, disagree, view_probs)
+    result = BatchResult(probs, n_views, disagree, view_probs)
+    if detector is not None and (features or not detector.needs_features):
+        parts = detector.parts(base.cpu(), embedding[:n].cpu() if features else None, signals)
+        score = detector.score(parts)
+        result = BatchResult(probs, n_views, disagree, view_probs, score, detector.flag(score), parts)
+    return result
 
 
 def check_model(model, spec: ModelSpec, device: torch.device = torch.device("cpu")) -> None:
@@ -103,6 +131,9 @@ class ImageResult:
     n_views: int
     disagree: bool
     view_probs: torch.Tensor  # (n_views, K)
+    ood_score: float | None = None
+    ood: bool = False
+    ood_parts: dict[str, float] | None = None
 
 
 def infer(model, slots: list, policy: Policy, device: torch.device | None = None) -> list:
@@ -111,26 +142,33 @@ def infer(model, slots: list, policy: Policy, device: torch.device | None = None
     ``slots`` is the preprocess stage's output; prepared requests are replaced by
     their list of ``ImageResult``, anything else (errors, describe) passes through.
     """
-    owners, tensors, tta = [], [], []
+    owners, tensors, signals, tta = [], [], [], []
     for idx, slot in enumerate(slots):
         if isinstance(slot, Prepared):
-            for tensor, options in zip(slot.tensors, slot.options):
+            for tensor, signal, options in zip(slot.tensors, slot.signals, slot.options):
                 owners.append(idx)
                 tensors.append(tensor)
+                signals.append(signal)
                 tta.append(options.tta is not False)
     if not tensors:
         return list(slots)
     x = torch.stack(tensors)
+    s = torch.stack(signals) if all(signal is not None for signal in signals) else None
     use_tta = torch.tensor(tta, dtype=torch.bool)
     if device is not None and device.type != "cpu":
         x = x.to(device)
-        policy = Policy(policy.names, policy.views, policy.fill.to(device), policy.merge, policy.temperature)
-    result = classify(model, x, use_tta.to(x.device), policy)
+        policy = dataclasses.replace(policy, fill=policy.fill.to(device))
+    result = classify(model, x, use_tta.to(x.device), policy, s)
     out = [slot if not isinstance(slot, Prepared) else [] for slot in slots]
     for row, idx in enumerate(owners):
+        ood = {}
+        if result.ood_score is not None:
+            ood = dict(ood_score=float(result.ood_score[row]), ood=bool(result.ood[row]),
+                       ood_parts={name: float(part[row]) for name, part in result.ood_parts.items()})
         out[idx].append(
             ImageResult(
-                result.probs[row].cpu(), int(result.n_views[row]), bool(result.disagree[row]), result.view_probs[row].cpu()
+                result.probs[row].cpu(), int(result.n_views[row]), bool(result.disagree[row]), result.view_probs[row].cpu(),
+                **ood,
             )
         )
     return out

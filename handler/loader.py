@@ -7,13 +7,29 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from handler.errors import SpecError
 from handler.inference import check_model
+from handler.ood import OOD_FILENAME
 from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
+
+GOLDEN_FILENAME = "golden.json"
+EXTRA_FILES = (SPEC_FILENAME, REFERENCE_FILENAME, OOD_FILENAME, GOLDEN_FILENAME)
+# Methods a scripted model may offer besides forward; freezing must keep them.
+FEATURE_METHODS = ("forward_features", "head")
+
+
+class Artifact(NamedTuple):
+    """A TorchScript classifier and the JSON files that travel with it."""
+
+    model: torch.jit.ScriptModule
+    spec: ModelSpec
+    reference: dict  # held-out distributions (drift reference); {} if none
+    ood: dict | None  # ood.json: the features detector's parameters
+    golden: list  # golden.json: inputs and the answers the exporter saw; [] if none
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +53,14 @@ def resolve_threads(setting: Any, workers: int) -> int:
     raise SpecError(f"handler.threads must be 'auto' or a positive integer; got {setting!r}")
 
 
-def read_model(path: Path, model_dir: Path | None = None) -> tuple[torch.jit.ScriptModule, ModelSpec, dict]:
-    """Load a TorchScript file with its spec (and reference, if any) from its extra files.
+def read_model(path: Path, model_dir: Path | None = None) -> Artifact:
+    """Load a TorchScript file with its spec (and reference, OOD parameters, golden answers) from its extra files.
 
-    A spec.json / reference.json next to the model (inside the archive) is used when
-    the TorchScript file carries none, so any scripted classifier can be served by
+    A file of the same name next to the model (inside the archive) is used when the
+    TorchScript file carries none, so any scripted classifier can be served by
     packaging a spec beside it.
     """
-    extra = {SPEC_FILENAME: "", REFERENCE_FILENAME: ""}
+    extra = dict.fromkeys(EXTRA_FILES, "")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -59,7 +75,15 @@ def read_model(path: Path, model_dir: Path | None = None) -> tuple[torch.jit.Scr
         raise SpecError(f"{path.name} carries no {SPEC_FILENAME} and none is packaged beside it")
     spec = ModelSpec.from_json(texts[SPEC_FILENAME])
     reference = json.loads(texts[REFERENCE_FILENAME]) if texts[REFERENCE_FILENAME] else {}
-    return model, spec, reference
+    ood = json.loads(texts[OOD_FILENAME]) if texts[OOD_FILENAME] else None
+    golden = json.loads(texts[GOLDEN_FILENAME]) if texts[GOLDEN_FILENAME] else []
+    return Artifact(model, spec, reference, ood, golden)
+
+
+def has_method(model, name: str) -> bool:
+    if isinstance(model, torch.jit.ScriptModule):
+        return model._c._has_method(name)
+    return callable(getattr(model, name, None))
 
 
 def optimized(model, spec: ModelSpec, device: torch.device, tolerance: float = 1e-4):
@@ -72,9 +96,10 @@ def optimized(model, spec: ModelSpec, device: torch.device, tolerance: float = 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fast = torch.jit.freeze(model)
+            keep = [name for name in FEATURE_METHODS if has_method(model, name)]
+            fast = torch.jit.freeze(model, preserved_attrs=keep)
             if device.type == "cpu":
-                fast = torch.jit.optimize_for_inference(fast)
+                fast = torch.jit.optimize_for_inference(fast, other_methods=[n for n in keep if n == "forward_features"])
     except Exception as exc:  # a model freeze cannot handle is still served, just slower
         logger.warning("Serving the model as exported: freezing it failed (%s)", exc)
         return model
@@ -82,25 +107,38 @@ def optimized(model, spec: ModelSpec, device: torch.device, tolerance: float = 1
     x = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.inference_mode():
         reference, candidate = model(x), fast(x)
-    diff = (reference - candidate).abs().max().item()
+        diff = (reference - candidate).abs().max().item()
+        if has_method(model, "forward_features"):
+            diff = max(diff, max((a - b).abs().max().item()
+                                 for a, b in zip(model.forward_features(x)[:2], fast.forward_features(x)[:2])))
     if not diff <= tolerance * max(1.0, reference.abs().max().item()):
         logger.warning("Serving the model as exported: the frozen model differs by %.3g", diff)
         return model
     return fast
 
 
-def load(context) -> tuple[torch.jit.ScriptModule, ModelSpec, dict, torch.device]:
+class Loaded(NamedTuple):
+    artifact: Artifact  # as read, with the spec after the handler: overrides
+    model: torch.jit.ScriptModule  # what serves: frozen and optimised unless handler.optimize is false
+    device: torch.device
+
+
+def load(context) -> Loaded:
     """Everything ``initialize()`` needs, from TorchServe's context."""
     model_dir = Path(context.system_properties["model_dir"])
     serialized = context.manifest["model"].get("serializedFile")
     if not serialized or not serialized.endswith(".pt"):
         raise SpecError(f"the archive's serialized file must be a TorchScript .pt file; got {serialized!r}")
-    model, spec, reference = read_model(model_dir / serialized, model_dir)
+    artifact = read_model(model_dir / serialized, model_dir)
+    model, spec = artifact.model, artifact.spec
 
     yaml_config = getattr(context, "model_yaml_config", None) or {}
     settings = dict(yaml_config.get("handler") or {})
     worker_settings = {k: settings.pop(k) for k in WORKER_KEYS if k in settings}
     spec = spec.with_overrides(settings)
+    if spec.ood.method == "features" and not has_method(model, "forward_features"):
+        raise SpecError("spec.ood.method is 'features' but the model has no forward_features method; "
+                        "export it with one (see scripts/train/model.py) or use method 'energy'")
 
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
     threads = resolve_threads(worker_settings.get("threads", "auto"), workers)
@@ -121,4 +159,4 @@ def load(context) -> tuple[torch.jit.ScriptModule, ModelSpec, dict, torch.device
         serialized, spec.num_classes, spec.input_size, list(spec.tta), spec.merge, device, threads,
         "optimised for inference" if optimize else "as exported",
     )
-    return model, spec, reference, device
+    return Loaded(artifact._replace(spec=spec), model, device)

@@ -14,10 +14,11 @@ from ts.metrics.metric_type_enum import MetricTypes
 PREDICTIONS = ("PredictionsPerLabel", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion", "Label"])
 CONFIDENCE = ("TopConfidence", MetricTypes.HISTOGRAM, "Ratio", ["ModelName", "ModelVersion"])
 UNCERTAIN = ("UncertainPredictions", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
+OUT_OF_DISTRIBUTION = ("OutOfDistributionPredictions", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
 DISAGREEMENT = ("TTADisagreement", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
 REJECTED = ("RejectedRequests", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion", "Reason"])
 STAGE_LATENCY = ("StageLatency", MetricTypes.HISTOGRAM, "Seconds", ["ModelName", "ModelVersion", "Stage"])
-ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, DISAGREEMENT, REJECTED, STAGE_LATENCY)
+ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, REJECTED, STAGE_LATENCY)
 
 
 class QualityMetrics:
@@ -37,7 +38,7 @@ class QualityMetrics:
             handle = self.cache.add_metric_to_cache(name, unit, list(dim_names), mtype)
         handle.add_or_update(value, [*self.base, *dims], "")
 
-    def predictions(self, labels: list[str], confidences: list[float], uncertain: int, disagree: int) -> None:
+    def predictions(self, labels: list[str], confidences: list[float], uncertain: int, disagree: int, ood: int = 0) -> None:
         for label, count in Counter(labels).items():
             self._emit(PREDICTIONS, count, label)
         for confidence in confidences:
@@ -46,6 +47,8 @@ class QualityMetrics:
             self._emit(UNCERTAIN, uncertain)
         if disagree:
             self._emit(DISAGREEMENT, disagree)
+        if ood:
+            self._emit(OUT_OF_DISTRIBUTION, ood)
 
     def rejected(self, reasons: list[str]) -> None:
         for reason, count in Counter(reasons).items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from handler.errors import RequestError
@@ -9,11 +11,13 @@ from handler.preprocess import DESCRIBE
 from handler.spec import ModelSpec
 
 
-def answer(probs: torch.Tensor, spec: ModelSpec, top_k: int, n_views: int) -> dict:
+def answer(probs: torch.Tensor, spec: ModelSpec, top_k: int, n_views: int,
+           ood_score: float | None = None, ood: bool = False) -> dict:
     """One image's answer.
 
     ``confidence`` is the merged (temperature-scaled) probability of the top class;
-    ``uncertain`` is true when it is below ``spec.threshold``.
+    ``uncertain`` is true when it is below ``spec.threshold`` or when the image is out of
+    distribution (``ood_score`` above ``spec.ood.threshold``): a label is still given.
     """
     values, indices = torch.topk(probs, k=top_k)
     ranked = [
@@ -26,7 +30,9 @@ def answer(probs: torch.Tensor, spec: ModelSpec, top_k: int, n_views: int) -> di
         "label": best["label"],
         "class_index": best["class_index"],
         "confidence": round(confidence, 6),
-        "uncertain": confidence < spec.threshold,
+        "uncertain": bool(confidence < spec.threshold or ood),
+        "out_of_distribution": bool(ood),
+        "ood_score": None if ood_score is None else round(float(ood_score), 4),
         "top_k": ranked,
         "tta_views": int(n_views),
     }
@@ -57,6 +63,8 @@ def describe(spec: ModelSpec, version: str | None) -> dict:
         },
         "tta": {"views": list(spec.tta), "merge": spec.merge},
         "threshold": spec.threshold,
+        "canonical": None if spec.canonical is None else dataclasses.asdict(spec.canonical),
+        "ood": dataclasses.asdict(spec.ood),
         "top_k": spec.top_k,
         "limits": {"max_pixels": spec.limits.max_pixels, "max_frames": spec.limits.max_frames,
                    "max_instances": spec.limits.max_instances},
@@ -75,8 +83,11 @@ def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: 
         return 200, "OK", describe(spec, version)
     answers = []
     for image, options in zip(result, slot.options):
-        body = answer(image.probs, spec, options.top_k or spec.top_k, image.n_views)
+        body = answer(image.probs, spec, options.top_k or spec.top_k, image.n_views, image.ood_score, image.ood)
         if slot.explain:
             body["views"] = explanation(image.view_probs, view_names[: image.n_views], spec)
+            if image.ood_parts is not None:
+                body["ood"] = {"method": spec.ood.method, "threshold": spec.ood.threshold,
+                               "parts": {name: round(value, 4) for name, value in image.ood_parts.items()}}
         answers.append(body)
     return 200, "OK", answers if slot.is_list else answers[0]

@@ -16,6 +16,7 @@ import time
 
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler import golden
 from handler.errors import InternalError
 from handler.inference import Policy, infer
 from handler.loader import load
@@ -29,8 +30,13 @@ logger = logging.getLogger(__name__)
 
 class TTAClassifierHandler(BaseHandler):
     def initialize(self, context):
-        self.model, self.spec, self.reference, self.device = load(context)
-        self.policy = Policy.from_spec(self.spec)
+        loaded = load(context)
+        self.model, self.spec, self.reference, self.device = loaded.model, loaded.artifact.spec, loaded.artifact.reference, loaded.device
+        self.policy = Policy.from_spec(self.spec, loaded.artifact.ood)
+        problems = golden.verify(loaded.artifact.golden, self.model, self.spec, self.policy, self.device)
+        if problems:  # refuse to start: this worker would not answer as the exporter did
+            raise RuntimeError("golden inputs answered differently than at export, refusing to serve: " + "; ".join(problems))
+        logger.info("Golden inputs: %d answered as at export", len(loaded.artifact.golden))
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
         self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
         self.initialized = True
@@ -63,7 +69,7 @@ class TTAClassifierHandler(BaseHandler):
 
     def postprocess(self, data):
         output, labels, confidences, rejected = [], [], [], []
-        uncertain = disagree = 0
+        uncertain = disagree = ood = 0
         for idx, (slot, result) in enumerate(data):
             status, phrase, body = render(slot, result, self.spec, self.policy.names, self.version)
             self.context.set_response_status(status, phrase, idx)
@@ -77,7 +83,8 @@ class TTAClassifierHandler(BaseHandler):
                     labels.append(item["label"])
                     confidences.append(item["confidence"])
                     uncertain += item["uncertain"]
+                    ood += item["out_of_distribution"]
                     disagree += image.disagree
-        self.quality.predictions(labels, confidences, uncertain, disagree)
+        self.quality.predictions(labels, confidences, uncertain, disagree, ood)
         self.quality.rejected(rejected)
         return output

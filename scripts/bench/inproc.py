@@ -88,7 +88,7 @@ def load_raw(name: str, variant: str):
         return torch.jit.load(str(path), map_location="cpu").eval()
     from handler import loader
 
-    model, spec, _ = loader.read_model(path)
+    model, spec = loader.read_model(path)[:2]
     model = model.eval()
     return loader.optimized(model, spec, torch.device("cpu")) if hasattr(loader, "optimized") else model
 

@@ -166,7 +166,7 @@ def fashion_spec_file(workdir: Path) -> Path:
     """The Fashion CNN's spec.json, copied out of the .pt (what package.py puts in the archive)."""
     from handler.loader import read_model
 
-    _, spec, _ = read_model(FASHION_PT)
+    spec = read_model(FASHION_PT).spec
     path = workdir / "fashion_spec" / "spec.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(spec.to_json())

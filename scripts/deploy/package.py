@@ -59,7 +59,7 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
         spec = ModelSpec.from_json(args.spec.read_text())  # validate before packaging
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
     else:
-        _, spec, reference = read_model(args.model)
+        _, spec, reference = read_model(args.model)[:3]
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
         if reference:
             (stage / "extra" / REFERENCE_FILENAME).write_text(json.dumps(reference))

@@ -60,7 +60,7 @@ def http_predictions(client, model: str, pngs: list[bytes], tta: bool, concurren
 
 
 def offline_predictions(model_file: Path, pngs: list[bytes], tta: bool) -> list[dict]:
-    model, spec, _ = read_model(model_file)
+    model, spec = read_model(model_file)[:2]
     model.eval()
     x = torch.stack([bytes_to_tensor(p, spec) for p in pngs])
     probs = classify(model, x, torch.full((len(pngs),), tta), Policy.from_spec(spec)).probs

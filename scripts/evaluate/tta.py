@@ -140,7 +140,7 @@ def evaluate(model, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, views: tu
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, spec, reference = read_model(args.model)
+    model, spec, reference = read_model(args.model)[:3]
     model.eval()
     dataset = load_idx_dir(args.data)
     parts = split(dataset, seed=args.seed)

@@ -351,7 +351,7 @@ def load_reference(path: Path) -> dict:
     if path.suffix == ".pt":
         from handler.loader import read_model
 
-        reference = read_model(path)[2]
+        reference = read_model(path).reference
         if not reference:
             raise Refused(f"{path} carries no reference.json")
         return reference

@@ -21,7 +21,7 @@ BUCKETS = drift.DEFAULT_BUCKETS
 
 @pytest.fixture(scope="module")
 def reference(served_model_path) -> dict:
-    return read_model(served_model_path)[2]
+    return read_model(served_model_path).reference
 
 
 def prom_text(labels: Counter, confidences, *, version: str = "1.0", model: str = "fashion_cnn",

@@ -73,8 +73,10 @@ def test_describe_and_explain_act_on_their_own_request_only(tiny_handler):
     assert bodies[0]["classes"][9] == "Ankle boot" and bodies[0]["tta"]["views"][0] == "identity"
     assert same_answer(bodies[1], plain) and same_answer(bodies[3], plain)
     views = bodies[2].pop("views")
+    ood = bodies[2].pop("ood")
     assert same_answer(bodies[2], plain)
     assert [v["view"] for v in views] == ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
+    assert ood["method"] == "energy" and ood["parts"]["energy"] == plain["ood_score"]
 
 
 def test_instances_are_answered_with_a_list_in_order(tiny_handler):
