@@ -5,6 +5,11 @@
     python -m scripts.train.train --data my_images/                # one sub-folder per class
     python -m scripts.train.train --download --data data/          # fetch the official files first (online)
 
+With a canonicalising spec (the default), every batch pairs the native garments with
+the same garments rendered as catalogue photos (``scripts.train.photos``) and brought
+back by the server's own preprocessing, with small rotations and scales: the model
+learns what canonicalisation leaves of a photo without seeing fewer native images.
+
 Then ``python -m scripts.train.export`` turns the checkpoint into the served TorchScript file.
 """
 
@@ -13,17 +18,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from handler.spec import ModelSpec
 from handler.tta import background_fill
 from scripts.train.data import REPO, eval_tensors, fashion_spec, load_dataset, split
 from scripts.train.model import FashionCNN
+from scripts.train.photos import STYLES, render_photo
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -32,13 +44,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the official Fashion-MNIST into --data first")
     p.add_argument("--out", type=Path, default=REPO / "build" / "train", help="checkpoint folder")
     p.add_argument("--report-dir", type=Path, default=REPO / "docs" / "training", help="report + confusion matrix")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--max-shift", type=int, default=2, help="training augmentation: random shift in pixels")
     p.add_argument("--no-hflip", action="store_true", help="do not flip left-right during training")
+    p.add_argument("--photo-variants", type=int, default=3,
+                   help="catalogue photos rendered per training image and canonicalised back; every batch pairs the "
+                        "native images with one of their photos (0: native images only; needs spec.canonical)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.995,
+                   help="keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+                        "decay per step and export it; 0 exports the last weights")
+    p.add_argument("--rotate", type=float, default=6.0, help="photo augmentation: random rotation, degrees")
+    p.add_argument("--scale", type=float, default=0.1, help="photo augmentation: random scale, +/- this share")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction (ignored with official t10k)")
     p.add_argument("--calib", type=float, default=0.1, help="fraction used to fit the temperature")
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +80,38 @@ def augment(x: torch.Tensor, fill: torch.Tensor, max_shift: int, hflip: bool, ge
         offsets = torch.randint(0, 2 * s + 1, (n, 2), generator=gen)
         x = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
     return x
+
+
+def affine_jitter(x: torch.Tensor, fill: torch.Tensor, degrees: float, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Random small rotations and scales per sample (background fill): what canonicalisation leaves of a photo."""
+    if degrees <= 0 and scale <= 0:
+        return x
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
+    factor = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.cos(angle) / factor
+    theta[:, 0, 1] = -torch.sin(angle) / factor
+    theta[:, 1, 0] = torch.sin(angle) / factor
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def _render_variants(job: tuple[np.ndarray, int, int, ModelSpec]) -> torch.Tensor:
+    garment, seed, count, spec = job
+    rng = np.random.default_rng(seed)
+    photos = [render_photo(garment, STYLES[int(rng.integers(len(STYLES)))], rng) for _ in range(count)]
+    return eval_tensors(photos, spec)
+
+
+def photo_pool(images: np.ndarray, spec: ModelSpec, count: int, seed: int) -> torch.Tensor:
+    """(N, count, C, H, W): each training image rendered as ``count`` catalogue photos (random styles)
+    and brought back by the server's preprocessing (``handler.preprocess.image_to_input``)."""
+    jobs = [(img, seed * 1_000_003 + i, count, spec) for i, img in enumerate(images)]
+    with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
+        rendered = list(tqdm(pool.imap(_render_variants, jobs, chunksize=32), total=len(jobs), desc="render photos",
+                             unit="image"))
+    return torch.stack(rendered)
 
 
 @torch.inference_mode()
@@ -127,15 +180,18 @@ def main(args: argparse.Namespace) -> dict:
     y_all = torch.from_numpy(dataset.labels)
     x_train, y_train = x_all[parts.train], y_all[parts.train]
     x_hold, y_hold = x_all[parts.holdout], y_all[parts.holdout]
+    use_photos = args.photo_variants > 0 and spec.canonical is not None and dataset.images.ndim == 3
+    photos = photo_pool(dataset.images[parts.train], spec, args.photo_variants, args.seed + 1) if use_photos else None
 
-    model_args = {"num_classes": spec.num_classes, "in_channels": channels, "dropout": args.dropout}
+    model_args = {"num_classes": spec.num_classes, "in_channels": channels, "widths": [32, 64, 128], "dropout": args.dropout}
     model = FashionCNN(**model_args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(x_train) + args.batch_size - 1) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     gen = torch.Generator().manual_seed(args.seed)
     fill = background_fill(spec)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     history = []
     started = time.time()
     bar = tqdm(range(args.epochs), desc="train", unit="epoch")
@@ -145,21 +201,29 @@ def main(args: argparse.Namespace) -> dict:
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(order), args.batch_size):
             idx = order[i : i + args.batch_size]
-            xb = augment(x_train[idx], fill, args.max_shift, not args.no_hflip, gen)
-            yb = y_train[idx]
+            pick = torch.randint(0, photos.shape[1], (len(idx),), generator=gen) if photos is not None else None
+            xb, yb = augment(x_train[idx], fill, args.max_shift, not args.no_hflip, gen), y_train[idx]
+            if photos is not None:  # the same garments as they look after a photo was canonicalised
+                xp = augment(photos[idx, pick], fill, args.max_shift, not args.no_hflip, gen)
+                xb = torch.cat([xb, affine_jitter(xp, fill, args.rotate, args.scale, gen)])
+                yb = torch.cat([yb, yb])
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.item() * len(idx)
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
-            total += len(idx)
-        hold_acc = (predict_logits(model, x_hold).argmax(1) == y_hold).float().mean().item()
+            total += len(yb)
+        served = ema.module if ema is not None else model
+        hold_acc = (predict_logits(served, x_hold).argmax(1) == y_hold).float().mean().item()
         history.append({"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total, "holdout_acc": hold_acc})
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", train=f"{correct / total:.3f}", holdout=f"{hold_acc:.3f}")
 
+    model = ema.module if ema is not None else model
     model.eval()
     preds = predict_logits(model, x_hold).argmax(1).numpy()
     labels = y_hold.numpy()
@@ -183,6 +247,7 @@ def main(args: argparse.Namespace) -> dict:
             "state_dict": model.state_dict(),
             "model_args": model_args,
             "spec": spec.to_dict(),
+            "train": (dataset.images[parts.train], dataset.labels[parts.train]),
             "calib": (dataset.images[parts.calib], dataset.labels[parts.calib]),
             "holdout": (dataset.images[parts.holdout], dataset.labels[parts.holdout]),
             "report": report,
