@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status test unit integration train mar rollout bench lint clean
+.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -47,9 +47,18 @@ train: $(STAMP)
 rollout: $(STAMP)
 	$(PY) -m scripts.deploy.rollout --version $(VERSION) $(if $(MODEL),--model-file $(MODEL)) $(ROLLOUT_ARGS)
 
+# Real photos and non-garments through the running server (make serve first): docs/real_world.*
+eval-real: $(STAMP)
+	$(PY) -m scripts.evaluate.real_world --json docs/real_world.json --markdown docs/real_world_table.md \
+		--grid docs/real_world_grid.png $(EVAL_ARGS)
+
 # Benchmarks (results: docs/benchmarks.md). Installs `hey` from Debian if missing.
 bench: $(STAMP) $(MAR)
 	$(PY) -m scripts.bench $(BENCH_ARGS)
+
+# What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
+bench-cost: $(STAMP)
+	$(PY) -m scripts.bench.cost $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check handler scripts tests

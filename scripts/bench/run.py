@@ -142,13 +142,15 @@ def derive_config(path: Path, batch: int | None = None, workers: int | None = No
 
 
 def archive(kind: str, name: str, store: Path, config: Path, model: Path | None = None, spec: Path | None = None,
-            extra: list[Path] | None = None) -> Path:
+            extra: list[Path] | None = None, handler_dir: Path | None = None) -> Path:
     """Package one .mar: ``ours`` with scripts.deploy.package; the others with the same torch-model-archiver call."""
     from scripts.deploy import package
 
     if kind == "ours":
         args = package.get_args_parser().parse_args([])
         args.model, args.spec, args.name, args.config, args.export_path = model, spec, name, config, store
+        if handler_dir is not None:
+            args.handler_dir = handler_dir
         return package.main(args)
     handler = {"naive": HANDLERS / "naive_handler.py", "noop": HANDLERS / "noop_handler.py",
                "builtin": "image_classifier"}[kind]
@@ -199,7 +201,7 @@ def start_server(workdir: Path, archives: list[dict], env: dict | None = None) -
     store = workdir / "model_store"
     store.mkdir(parents=True)
     for a in archives:
-        archive(a["kind"], a["name"], store, a["config"], a.get("model"), a.get("spec"), a.get("extra"))
+        archive(a["kind"], a["name"], store, a["config"], a.get("model"), a.get("spec"), a.get("extra"), a.get("handler_dir"))
     config = write_config(workdir, store, {"load_models": ",".join(f"{a['name']}.mar" for a in archives)})
     srv = BenchServer(workdir, config, store, TorchServeClient.from_config(config, workdir), dict(env or {}))
     srv.start(archives[0]["name"], deadline_s=600)

@@ -35,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=HANDLER_DIR / "model-config.yaml")
     p.add_argument("--export-path", type=Path, default=REPO / "model_store")
     p.add_argument("--archive-name", default=None, help="file name without .mar (default: --name)")
+    p.add_argument("--handler-dir", type=Path, default=HANDLER_DIR,
+                   help="the handler package to ship (default: handler/; its tta_classifier.py is the entry point)")
     return p
 
 
@@ -54,7 +56,7 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
     (stage / "extra").mkdir(parents=True)
     # The handler package travels as a folder: torch-model-archiver copies the
     # *contents* of an --extra-files folder, so stage it one level down.
-    shutil.copytree(HANDLER_DIR, stage / "extra" / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.yaml"))
+    shutil.copytree(args.handler_dir, stage / "extra" / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.yaml"))
     if args.spec:
         spec = ModelSpec.from_json(args.spec.read_text())  # validate before packaging
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
@@ -71,7 +73,7 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
         "--model-name", args.name,
         "--version", args.version,
         "--serialized-file", str(args.model),
-        "--handler", str(ENTRY_POINT),
+        "--handler", str(args.handler_dir / ENTRY_POINT.name),
         "--extra-files", str(stage / "extra"),
         "--config-file", str(args.config),
         "--export-path", str(stage / "out"),
