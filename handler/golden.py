@@ -12,11 +12,14 @@ upgrade, or a tampered archive, is caught before any user sees it.
 from __future__ import annotations
 
 import base64
+import logging
 
 from handler.errors import SpecError
 from handler.inference import infer
 from handler.postprocess import render
 from handler.preprocess import Prepared, prepare
+
+logger = logging.getLogger(__name__)
 
 TOLERANCE = 2e-3  # frozen vs exported model, CPU vs CPU: ~1e-6; preprocessing drift: far more
 
@@ -55,3 +58,11 @@ def verify(golden: list[dict], model, spec, policy, device=None) -> list[str]:
         if worst > TOLERANCE:
             problems.append(f"{name}: a probability differs by {worst:.4f} (tolerance {TOLERANCE})")
     return problems
+
+
+def require(golden: list[dict], model, spec, policy, device=None) -> None:
+    """Raise (the worker refuses to start) unless every golden input is answered as at export."""
+    problems = verify(golden, model, spec, policy, device)
+    if problems:
+        raise RuntimeError("golden inputs answered differently than at export, refusing to serve: " + "; ".join(problems))
+    logger.info("Golden inputs: %d answered as at export", len(golden))

@@ -227,6 +227,7 @@ def format_answer(r: dict) -> str:
     parts = []
     for item in items:
         flag = "  UNCERTAIN" if item["uncertain"] else ""
+        flag += ", OUT OF DISTRIBUTION" if item.get("out_of_distribution") else ""
         ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in item["top_k"][1:])
         parts.append(f"{item['label']} {item['confidence']:.3f}{flag}  (tta views {item['tta_views']}"
                      f"{'; then ' + ranked if ranked else ''})")
@@ -281,7 +282,7 @@ def fmt_share(count: float, total: float) -> str:
     return f"{count:g} ({count / total:.1%})" if total else f"{count:g}"
 
 
-def summarize(snap: drift.Snapshot, title: str) -> str:
+def summarize(snap: drift.Snapshot, title: str, reference_ood: float | None = None) -> str:
     n = snap.predictions
     lines = [f"{title}: {n:g} predictions, {sum(snap.rejected.values()):g} rejected requests"]
     labels = sorted(snap.labels.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -291,6 +292,8 @@ def summarize(snap: drift.Snapshot, title: str) -> str:
     lines.append("  confidence:   " + (", ".join(f"({lo:g}, {hi:g}] {fmt_share(c, n)}" for lo, hi, c in bins) or "none")
                  + (f"; median ~{median:.2f}" if median is not None else ""))
     lines.append(f"  uncertain:    {fmt_share(snap.uncertain, n)}   TTA views disagreeing: {fmt_share(snap.disagreement, n)}")
+    lines.append(f"  out of distribution: {fmt_share(snap.ood, n)}"
+                 + (f" (held-out reference: {reference_ood:.1%})" if reference_ood is not None else ""))
     lines.append("  rejected:     " + (", ".join(f"{k} {v:g}" for k, v in sorted(snap.rejected.items()) if v) or "none"))
     stages = []
     for stage in ("preprocess", "inference", "postprocess", *sorted(set(snap.latency) - {"preprocess", "inference", "postprocess"})):
@@ -305,7 +308,7 @@ def summarize(snap: drift.Snapshot, title: str) -> str:
 
 def snapshot_json(snap: drift.Snapshot) -> dict:
     return {
-        "predictions": snap.predictions, "labels": snap.labels, "uncertain": snap.uncertain,
+        "predictions": snap.predictions, "labels": snap.labels, "uncertain": snap.uncertain, "out_of_distribution": snap.ood,
         "disagreement": snap.disagreement, "rejected": snap.rejected,
         "confidence_buckets": {("+Inf" if b == float("inf") else f"{b:g}"): c for b, c in sorted(snap.confidence.items())},
         "latency_p50_s": {s: drift.quantile(h, 0.5) for s, h in snap.latency.items()},
@@ -314,7 +317,8 @@ def snapshot_json(snap: drift.Snapshot) -> dict:
 
 
 def cmd_metrics(args) -> int:
-    text = connect(args).metrics_text()
+    client = connect(args)
+    text = client.metrics_text()
     if args.save:
         args.save.write_text(text)
     since = args.since.read_text() if args.since else ""
@@ -332,7 +336,7 @@ def cmd_metrics(args) -> int:
     if not out:
         print(f"no metrics for {args.model} yet{where}")
     for version, snap in out.items():
-        print(summarize(snap, f"{args.model} {version}{where}"))
+        print(summarize(snap, f"{args.model} {version}{where}", reference_ood_rate(client, args, version)))
     if args.save:
         print(f"saved the raw snapshot to {args.save}")
     return 0
@@ -356,6 +360,14 @@ def load_reference(path: Path) -> dict:
             raise Refused(f"{path} carries no reference.json")
         return reference
     raise Refused(f"{path}: expected a .json, .mar or .pt file")
+
+
+def reference_ood_rate(client: TorchServeClient, args, version: str) -> float | None:
+    """The held-out share flagged out of distribution, from the served archive's reference (None if unknown)."""
+    try:
+        return load_reference(archive_path(client, args, args.model, version)).get("ood_rate")
+    except (Refused, ApiError, OSError, KeyError, IndexError, ValueError, requests.RequestException):
+        return None
 
 
 def archive_path(client: TorchServeClient, args, model: str, version: str) -> Path:

@@ -44,6 +44,7 @@ LEVELS = ("OK", "WARN", "ALERT")
 Histogram = dict[float, float]  # upper bound (le, inf last) -> cumulative count
 # The handler's metrics (handler/metrics.py) as they appear on /metrics.
 OURS = frozenset({"PredictionsPerLabel", "TopConfidence_bucket", "UncertainPredictions", "TTADisagreement",
+                  "OutOfDistributionPredictions",
                   "RejectedRequests", "StageLatency_bucket"})
 
 
@@ -56,6 +57,7 @@ class Snapshot:
     confidence: Histogram = field(default_factory=dict)  # TopConfidence buckets
     uncertain: float = 0.0  # UncertainPredictions
     disagreement: float = 0.0  # TTADisagreement
+    ood: float = 0.0  # OutOfDistributionPredictions
     rejected: dict[str, float] = field(default_factory=dict)  # RejectedRequests by Reason
     latency: dict[str, Histogram] = field(default_factory=dict)  # StageLatency buckets by Stage
     versions: set[str] = field(default_factory=set)  # ModelVersion values seen
@@ -82,6 +84,8 @@ class Snapshot:
                 snap.uncertain += value
             elif name == "TTADisagreement":
                 snap.disagreement += value
+            elif name == "OutOfDistributionPredictions":
+                snap.ood += value
             elif name == "RejectedRequests":
                 _add(snap.rejected, labels["Reason"], value)
             elif name == "StageLatency_bucket":
@@ -96,6 +100,7 @@ class Snapshot:
             confidence=_sub(self.confidence, earlier.confidence, "TopConfidence"),
             uncertain=_sub({"": self.uncertain}, {"": earlier.uncertain}, "UncertainPredictions")[""],
             disagreement=_sub({"": self.disagreement}, {"": earlier.disagreement}, "TTADisagreement")[""],
+            ood=_sub({"": self.ood}, {"": earlier.ood}, "OutOfDistributionPredictions")[""],
             rejected=_sub(self.rejected, earlier.rejected, "RejectedRequests"),
             latency={stage: _sub(h, earlier.latency.get(stage, {}), "StageLatency") for stage, h in self.latency.items()},
             versions=self.versions | earlier.versions,
@@ -224,6 +229,11 @@ class DriftReport:
     min_samples: int
     warn: float
     alert: float
+    ood: Part | None = None  # out-of-distribution answers vs the held-out rate (models with a detector)
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (self.labels, self.confidence) + ((self.ood,) if self.ood else ())
 
     @property
     def alarm(self) -> bool:
@@ -237,7 +247,7 @@ class DriftReport:
                            "bins": [{"bin": b, "reference_share": round(r / max(sum(part.reference), 1), 6),
                                      "live_share": round(v / max(sum(part.live), 1), 6), "live": v, "psi_term": round(t, 6)}
                                     for b, r, v, t in zip(part.bins, part.reference, part.live, part.terms)]}
-               for part in (self.labels, self.confidence)},
+               for part in self.parts},
         }
 
 
@@ -269,18 +279,25 @@ def compare(reference: Mapping, live: Snapshot, *, min_samples: int = MIN_SAMPLE
     confidence = Part("confidence", conf_bins, [ref_conf[i] for i in keep], [live_conf[i] for i in keep],
                       conf_psi, [conf_terms[i] for i in keep], level(conf_psi, warn, alert))
     n_live = live.predictions
+    n_ref = int(reference.get("n") or len(reference["confidences"]))
+    ood = None
+    if reference.get("ood_rate") is not None:  # the share of answers flagged out of distribution
+        ref_ood = [n_ref * (1 - reference["ood_rate"]), n_ref * reference["ood_rate"]]
+        live_ood = [max(n_live - live.ood, 0.0), live.ood]
+        ood_psi, ood_terms = psi(ref_ood, live_ood)
+        ood = Part("out_of_distribution", ["in distribution", "out of distribution"], ref_ood, live_ood, ood_psi,
+                   ood_terms, level(ood_psi, warn, alert))
     if n_live < min_samples:
         verdict = "INSUFFICIENT"
     else:
-        verdict = max(labels.verdict, confidence.verdict, key=LEVELS.index)
-    n_ref = int(reference.get("n") or len(reference["confidences"]))
-    return DriftReport(n_live, n_ref, labels, confidence, verdict, min_samples, warn, alert)
+        verdict = max((p.verdict for p in (labels, confidence, ood) if p), key=LEVELS.index)
+    return DriftReport(n_live, n_ref, labels, confidence, verdict, min_samples, warn, alert, ood)
 
 
 def render(report: DriftReport) -> str:
     """A human-readable report: per-bin shares, PSI terms, verdicts."""
     lines = [f"live predictions: {report.n_live:g}   reference: {report.n_reference} held-out images"]
-    for part in (report.labels, report.confidence):
+    for part in report.parts:
         ref_total, live_total = max(sum(part.reference), 1e-12), max(sum(part.live), 1e-12)
         lines.append(f"\n{part.name}: PSI {part.psi:.4f} -> {part.verdict}")
         lines.append(f"  {'bin':<14} {'reference':>9} {'live':>9} {'count':>7} {'PSI term':>9}")
