@@ -26,7 +26,8 @@ from handler.canonical import SIGNALS
 from handler.ood import Detector, Layer, OODSpec, expand
 
 # How synthetic outliers are made from a training garment (28x28, white on black).
-OUTLIER_KINDS = ("permuted", "patch_shuffled", "edges", "zoomed_crop", "clutter", "blend", "stripes", "row", "blobs")
+OUTLIER_KINDS = ("permuted", "patch_shuffled", "edges", "zoomed_crop", "clutter", "blend", "stripes", "row", "blobs",
+                 "drowned", "faded")
 
 
 def synthetic_outlier(garments: np.ndarray, i: int, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -73,6 +74,13 @@ def synthetic_outlier(garments: np.ndarray, i: int, kind: str, rng: np.random.Ge
         b = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((28, 28), Image.BICUBIC), dtype=np.float32)
         if rng.random() < 0.5:
             b = np.where(b > np.median(b), 255.0, 0.0)
+    elif kind == "drowned":  # a garment under noise far stronger than itself, over the whole frame
+        side = int(rng.integers(28, 160))
+        big = np.asarray(Image.fromarray(garments[i]).resize((side, side), Image.BICUBIC), dtype=np.float32)
+        amplitude = float(rng.uniform(150, 255))
+        b = big * 0.3 + rng.uniform(0, amplitude, big.shape) if rng.random() < 0.5 else big * 0.3 + rng.normal(128, amplitude / 3, big.shape)
+    elif kind == "faded":  # a garment faded into its background: next to nothing to see
+        b = rng.uniform(0, 255) + a * rng.uniform(0.0, 0.04) + rng.normal(0, rng.uniform(0, 2), a.shape)
     else:
         raise ValueError(f"unknown outlier kind {kind!r}; kinds are {', '.join(OUTLIER_KINDS)}")
     return Image.fromarray(np.clip(b, 0, 255).astype(np.uint8))
