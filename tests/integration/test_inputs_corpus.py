@@ -103,7 +103,7 @@ def post(client, body: bytes | None = None, *, content_type: str | None = None, 
     return requests.post(url, data=form if files else body, files=files, headers=hdrs, timeout=60)
 
 
-ANSWER_KEYS = {"label", "class_index", "confidence", "uncertain", "top_k", "tta_views"}
+ANSWER_KEYS = {"label", "class_index", "confidence", "uncertain", "out_of_distribution", "ood_score", "top_k", "tta_views"}
 
 
 @dataclass

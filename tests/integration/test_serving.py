@@ -31,9 +31,12 @@ def test_png_prediction_has_the_documented_shape(client):
     assert resp.status_code == 200
     assert resp.headers["Content-Type"].startswith("application/json")
     body = resp.json()
-    assert set(body) == {"label", "class_index", "confidence", "uncertain", "top_k", "tta_views"}
+    assert set(body) == {"label", "class_index", "confidence", "uncertain", "out_of_distribution", "ood_score", "top_k",
+                         "tta_views"}
     assert body["label"] == "Ankle boot" and body["class_index"] == 9
-    assert 0.0 <= body["confidence"] <= 1.0 and body["uncertain"] is (body["confidence"] < 0.5)
+    threshold = client.predict("fashion_cnn", EXAMPLE.read_bytes(), headers={"describe": "true"}).json()["threshold"]
+    assert body["out_of_distribution"] is False and isinstance(body["ood_score"], float)
+    assert 0.0 <= body["confidence"] <= 1.0 and body["uncertain"] is (body["confidence"] < threshold)
     assert len(body["top_k"]) == 3 and body["top_k"][0]["label"] == body["label"]
     assert body["tta_views"] == 2
 
