@@ -5,7 +5,8 @@ non-garment) with the answers it saw in ``golden.json``.  Every worker runs them
 through the same stages as a request (bytes -> prepare -> infer -> render, TTA off
 so a serving override of the views does not matter) in ``initialize()`` and refuses
 to start, naming what differed, when a label, the out-of-distribution flag or a
-probability differs by more than ``TOLERANCE``.  Preprocessing drift from a library
+probability differs by more than ``TOLERANCE`` or the out-of-distribution score by
+more than ``SCORE_TOLERANCE``.  Preprocessing drift from a library
 upgrade, or a tampered archive, is caught before any user sees it.
 """
 
@@ -21,7 +22,10 @@ from handler.preprocess import Prepared, prepare
 
 logger = logging.getLogger(__name__)
 
-TOLERANCE = 2e-3  # frozen vs exported model, CPU vs CPU: ~1e-6; preprocessing drift: far more
+TOLERANCE = 2e-3  # probabilities: frozen vs exported model, CPU vs CPU: ~1e-6; preprocessing drift: far more
+# The out-of-distribution score is not squashed by a softmax, so it moves even when a confident
+# answer's probabilities do not (a resampling filter changed, say); frozen vs exported: ~1e-4.
+SCORE_TOLERANCE = 0.02
 
 
 def answer_bytes(data: bytes, model, spec, policy, device=None) -> dict:
@@ -38,6 +42,7 @@ def expected(body: dict) -> dict:
     return {
         "label": body["label"],
         "out_of_distribution": body["out_of_distribution"],
+        "ood_score": body["ood_score"],
         "probabilities": {item["label"]: item["probability"] for item in body["top_k"]},
     }
 
@@ -57,6 +62,9 @@ def verify(golden: list[dict], model, spec, policy, device=None) -> list[str]:
         worst = max(abs(got["probabilities"].get(k, 0.0) - v) for k, v in want["probabilities"].items())
         if worst > TOLERANCE:
             problems.append(f"{name}: a probability differs by {worst:.4f} (tolerance {TOLERANCE})")
+        if want.get("ood_score") is not None and abs(got["ood_score"] - want["ood_score"]) > SCORE_TOLERANCE:
+            problems.append(f"{name}: ood_score {got['ood_score']}, expected {want['ood_score']} "
+                            f"(tolerance {SCORE_TOLERANCE})")
     return problems
 
 

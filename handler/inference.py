@@ -33,14 +33,16 @@ class Policy:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, ood_params: dict | None = None) -> Policy:
-        """The spec's policy; ``ood_params`` is the model's ood.json (needed by the features detector)."""
+        """The spec's policy; ``ood_params`` is the model's ood.json. Without it a features detector is
+        left out (tools that only classify); the loader refuses to serve such a model."""
+        needs_params = spec.ood.method == "features"
         return cls(
             names=spec.tta,
             views=tuple(parse_view(name) for name in spec.tta),
             fill=background_fill(spec),
             merge=spec.merge,
             temperature=float(spec.temperature),
-            detector=Detector.build(spec.ood, float(spec.temperature), ood_params),
+            detector=None if needs_params and ood_params is None else Detector.build(spec.ood, float(spec.temperature), ood_params),
         )
 
 

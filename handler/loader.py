@@ -139,6 +139,9 @@ def load(context) -> Loaded:
     if spec.ood.method == "features" and not has_method(model, "forward_features"):
         raise SpecError("spec.ood.method is 'features' but the model has no forward_features method; "
                         "export it with one (see scripts/train/model.py) or use method 'energy'")
+    if spec.ood.method == "features" and artifact.ood is None:
+        raise SpecError(f"spec.ood.method is 'features' but the model carries no {OOD_FILENAME}; "
+                        "export it with scripts/train/export.py or use method 'energy'")
 
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
     threads = resolve_threads(worker_settings.get("threads", "auto"), workers)

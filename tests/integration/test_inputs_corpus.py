@@ -320,8 +320,10 @@ def test_explanations_add_the_per_view_breakdown(client, known):
     assert resp.status_code == 200
     body = resp.json()
     views = body.pop("views")
+    ood = body.pop("ood")
     assert same_answer(body, known["ankle_boot"])
     assert [v["view"] for v in views] == ["identity", "hflip"] and all(v["label"] == "Ankle boot" for v in views)
+    assert ood["method"] == "features" and ood["threshold"] > body["ood_score"] and "mahalanobis_block3" in ood["parts"]
 
 
 def test_a_body_over_max_request_size_is_refused_by_the_frontend_with_413(server, client):

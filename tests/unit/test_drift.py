@@ -25,7 +25,7 @@ def reference(served_model_path) -> dict:
 
 
 def prom_text(labels: Counter, confidences, *, version: str = "1.0", model: str = "fashion_cnn",
-              rejected: dict | None = None, uncertain: int = 0) -> str:
+              rejected: dict | None = None, uncertain: int = 0, ood: int = 0) -> str:
     """/metrics text as TorchServe writes it for our handler's metrics."""
     dims = f'ModelName="{model}",ModelVersion="{version}"'
     lines = ["# HELP PredictionsPerLabel Torchserve prometheus counter metric with unit: Count",
@@ -40,6 +40,8 @@ def prom_text(labels: Counter, confidences, *, version: str = "1.0", model: str 
     lines.append(f'TopConfidence_sum{{{dims},Hostname="vm",}} {float(sum(confidences))}')
     if uncertain:
         lines.append(f'UncertainPredictions{{{dims},Hostname="vm",}} {float(uncertain)}')
+    if ood:
+        lines.append(f'OutOfDistributionPredictions{{{dims},Hostname="vm",}} {float(ood)}')
     for reason, n in (rejected or {}).items():
         lines.append(f'RejectedRequests{{{dims},Reason="{reason}",Hostname="vm",}} {float(n)}')
     lines.append('Requests2XX{Level="Host",Hostname="vm",} 11.0')
@@ -54,6 +56,11 @@ def draw_like_reference(reference: dict, n: int, seed: int) -> tuple[Counter, li
     labels = Counter(rng.choice(classes, size=n, p=p / p.sum()).tolist())
     confidences = rng.choice(reference["confidences"], size=n, replace=True).tolist()
     return labels, confidences
+
+
+def ood_like_reference(reference: dict, n: int, seed: int) -> int:
+    """How many of n predictions drawn like the held-out split are flagged out of distribution."""
+    return int(np.random.default_rng(seed + 1000).binomial(n, reference.get("ood_rate") or 0.0))
 
 
 def live(labels: Counter, confidences, **kw) -> drift.Snapshot:
@@ -127,8 +134,9 @@ def test_a_counter_going_down_means_a_restart_and_is_refused():
 # --- verdicts -----------------------------------------------------------------------------
 def test_a_stream_drawn_like_the_held_out_split_is_ok(reference):
     for seed in range(20):  # not one lucky draw: every one of 20 windows of 1000 predictions
-        report = drift.compare(reference, live(*draw_like_reference(reference, 1000, seed)))
-        assert report.verdict == "OK", (seed, report.labels.psi, report.confidence.psi)
+        ood = ood_like_reference(reference, 1000, seed)
+        report = drift.compare(reference, live(*draw_like_reference(reference, 1000, seed), ood=ood))
+        assert report.verdict == "OK", (seed, report.labels.psi, report.confidence.psi, [p.psi for p in report.parts])
         assert report.labels.psi < drift.WARN_PSI and report.confidence.psi < drift.WARN_PSI
 
 
@@ -137,8 +145,17 @@ def test_the_held_out_true_labels_are_not_drift(reference, holdout):
     _, labels = holdout
     names = list(reference["label_distribution"])
     counts = Counter(names[i] for i in labels.tolist())
-    report = drift.compare(reference, live(counts, reference["confidences"]), min_samples=len(labels))
+    ood = round(len(labels) * (reference.get("ood_rate") or 0.0))
+    report = drift.compare(reference, live(counts, reference["confidences"], ood=ood), min_samples=len(labels))
     assert report.verdict == "OK" and report.labels.psi < 0.02
+
+
+def test_a_stream_full_of_non_garments_raises_the_alarm_through_the_ood_share(reference):
+    assert reference["ood_rate"] is not None
+    labels, confidences = draw_like_reference(reference, 1000, 3)
+    report = drift.compare(reference, live(labels, confidences, ood=400))
+    assert report.ood is not None and report.ood.verdict == "ALERT" and report.verdict == "ALERT"
+    assert "out_of_distribution" in report.to_dict() and "out_of_distribution: PSI" in drift.render(report)
 
 
 def test_a_stream_of_one_class_raises_the_alarm(reference):

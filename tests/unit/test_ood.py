@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def png(img: Image.Image) -> bytes:
 def text_image() -> Image.Image:
     """A line of text: not a garment (drawn here, not taken from the evaluation's sets)."""
     img = Image.new("L", (220, 60), 245)
-    font = ImageFont.truetype(str(next(REPO.joinpath(".venv").glob("lib/python*/site-packages/matplotlib/mpl-data/fonts/ttf/DejaVuSans.ttf"))), 28)
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 28)
     ImageDraw.Draw(img).text((8, 12), "SALE 50%", fill=20, font=font)
     return img
 
