@@ -40,8 +40,11 @@ def test_a_tampered_archive_never_reaches_ready(tmp_path):
     assert "Image.LANCZOS" in source
     (handler / "canonical.py").write_text(source.replace("Image.LANCZOS", "Image.NEAREST"))
     srv = make_server(tmp_path / "ts", archives=[{"handler_dir": handler}])
-    with pytest.raises(Exception):  # noqa: B017 - wait_ready's own error: no READY worker before the deadline
-        srv.start(deadline_s=60)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - wait_ready's own error: no READY worker before the deadline
+            srv.start(deadline_s=60)  # stops the server itself when it raises
+    finally:
+        srv.stop()  # also when the tampered model did serve (the test then fails): leave nothing running
     log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
     assert "golden inputs answered differently than at export, refusing to serve" in log
     assert "catalogue_photo" in log
