@@ -165,8 +165,9 @@ def infer(model, slots: list, policy: Policy, device: torch.device | None = None
     for row, idx in enumerate(owners):
         ood = {}
         if result.ood_score is not None:
-            ood = dict(ood_score=float(result.ood_score[row]), ood=bool(result.ood[row]),
-                       ood_parts={name: float(part[row]) for name, part in result.ood_parts.items()})
+            ood = dict(ood_score=float(result.ood_score[row]), ood=bool(result.ood[row]))
+            if slots[idx].explain:  # the parts are shown by /explanations only
+                ood["ood_parts"] = {name: float(part[row]) for name, part in result.ood_parts.items()}
         out[idx].append(
             ImageResult(
                 result.probs[row].cpu(), int(result.n_views[row]), bool(result.disagree[row]), result.view_probs[row].cpu(),

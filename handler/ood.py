@@ -19,7 +19,6 @@ detector never saw at a stated false-alarm rate (``spec.ood.false_alarm_rate``).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +149,3 @@ class Detector:
                         "weights": self.weights.tolist(), "bias": self.bias},
         }
 
-
-def read_params(text: str) -> dict[str, Any] | None:
-    return json.loads(text) if text else None
