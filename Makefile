@@ -1,5 +1,7 @@
-# make serve   install what is missing, build the .mar, start TorchServe, wait until it answers
-# make stop    stop the TorchServe started from this folder
+# make serve   install what is missing, build the .mar, start the gateway (nginx) in front of
+#              TorchServe, wait until a prediction answers; make serve REPLICAS=N for N replicas
+# make status  every replica, its workers, and whether a prediction can be served now
+# make stop    stop the gateway and every replica started from this folder
 # make test    the whole suite (unit + integration against a real TorchServe)
 SHELL   := /bin/bash
 VENV    ?= .venv
@@ -19,7 +21,7 @@ $(MAR): $(STAMP) models/fashion_cnn.pt $(HANDLER)
 	$(PY) -m scripts.deploy.package
 
 serve: $(MAR)
-	$(PY) -m scripts.deploy.serve start
+	$(PY) -m scripts.deploy.serve start $(if $(REPLICAS),--replicas $(REPLICAS))
 
 stop: $(STAMP)
 	$(PY) -m scripts.deploy.serve stop

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the project needs: Java 17 (only where `java` is missing) and a
+# Install what the project needs: Java 17 and nginx (the gateway; only where missing) and a
 # .venv with the pinned Python stack from pyproject.toml. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,13 @@ if ! command -v java >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openjdk-17-jre-headless
+fi
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    echo "nginx not found: installing nginx-light (the gateway in front of TorchServe: make serve)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,157 +1,271 @@
-"""Start, stop and inspect the TorchServe serving this repository's model store.
+"""Start, stop and inspect the serving stack: the nginx gateway in front of N TorchServe replicas.
 
-    python -m scripts.deploy.serve start    # torchserve --start --ts-config config.properties, wait until the model answers
-    python -m scripts.deploy.serve status
-    python -m scripts.deploy.serve stop     # torchserve --stop
+    python -m scripts.deploy.serve start [--replicas N]   # in the background; waits until a prediction answers
+    python -m scripts.deploy.serve run   [--replicas N]   # in the foreground (the container's entry point)
+    python -m scripts.deploy.serve status                 # every replica, its workers, and readiness
+    python -m scripts.deploy.serve stop
 
-Used by ``make serve`` / ``make stop``. Starting twice is safe: if the model
-already answers, ``start`` only prints how to call it.
+Used by ``make serve [REPLICAS=N]``, ``make status`` and ``make stop``. The public
+addresses are config.properties' (127.0.0.1:8080 inference, :8081 management, :8082
+metrics); the replicas run on free loopback ports behind the gateway. Environment:
+REPLICAS, GATEWAY_HOST (the host the public ports bind; 0.0.0.0 in the container),
+SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE. Starting twice is safe: when the service already
+answers, ``start`` only prints how to call it.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import psutil
+import requests
 
-from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, read_properties, wait_ready
+from scripts.deploy.supervisor import Stack, StackOptions
+from scripts.ops.tsclient import REPO, ApiError, Endpoints, TorchServeClient, read_properties
 
 EXAMPLE = REPO / "examples" / "ankle_boot.png"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("start", "stop", "status"))
-    p.add_argument("--config", type=Path, default=REPO / "config.properties")
-    p.add_argument("--workdir", type=Path, default=REPO,
-                   help="where TorchServe runs: relative paths in the config, key_file.json and logs/ are here")
+    p.add_argument("action", choices=("start", "run", "stop", "status"))
+    p.add_argument("--replicas", type=int, default=int(env("REPLICAS", "1")), help="TorchServe replicas (env REPLICAS)")
+    p.add_argument("--config", type=Path, default=REPO / "config.properties",
+                   help="public addresses, model store and body limit come from here")
+    p.add_argument("--host", default=env("GATEWAY_HOST"),
+                   help="bind the public ports on this host instead of the config's (env GATEWAY_HOST)")
+    p.add_argument("--ports", default=env("GATEWAY_PORTS"),
+                   help="inference,management,metrics ports instead of the config's (env GATEWAY_PORTS)")
+    p.add_argument("--run-dir", type=Path, default=Path(env("SERVE_RUN_DIR", REPO / "run")))
+    p.add_argument("--log-dir", type=Path, default=Path(env("SERVE_LOG_DIR", REPO / "logs")))
+    p.add_argument("--key-file", type=Path, default=Path(env("KEY_FILE", REPO / "key_file.json")),
+                   help="the service credentials (created when missing; TorchServe's key-file format)")
+    p.add_argument("--large-bodies", type=int, default=int(env("GATEWAY_LARGE_BODIES", "4")),
+                   help="bodies of 1 MB or more in flight at once; more get 503 + Retry-After")
     p.add_argument("--model", default="fashion_cnn")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the first answer")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the first answer")
     return p
 
 
-def torchserve() -> str:
-    local = Path(sys.executable).parent / "torchserve"
-    return str(local) if local.exists() else shutil.which("torchserve") or "torchserve"
+# --- addresses ---------------------------------------------------------------------------------------
+def public_addresses(args) -> dict[str, str]:
+    """host:port for inference / management / metrics: config.properties', or --host / --ports."""
+    props = read_properties(args.config)
+    ports = args.ports.split(",") if args.ports else None
+    out = {}
+    for i, (name, default) in enumerate((("inference", "8080"), ("management", "8081"), ("metrics", "8082"))):
+        url = props.get(f"{name}_address", f"http://127.0.0.1:{default}")
+        host, port = url.split("://", 1)[-1].rsplit(":", 1)
+        out[name] = f"{args.host or host}:{ports[i] if ports else port}"
+    return out
 
 
-def server_pid() -> int | None:
-    """The frontend's pid, from the pid file torchserve --start writes into the temp dir."""
-    try:
-        return int((Path(tempfile.gettempdir()) / ".model_server.pid").read_text())
-    except (OSError, ValueError):
-        return None
+def public_client(args, timeout: float = 60.0) -> TorchServeClient:
+    def url(addr: str) -> str:
+        host, port = addr.rsplit(":", 1)
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+    addr = public_addresses(args)
+    return TorchServeClient(Endpoints(url(addr["inference"]), url(addr["management"]), url(addr["metrics"])),
+                            args.key_file, timeout=timeout)
 
 
-def busy_ports(config: Path) -> list[str]:
-    """Ports in config.properties (REST and gRPC) that something already listens on."""
-    props = read_properties(config)
-    wanted = {
-        "inference_address": props.get("inference_address", "http://127.0.0.1:8080").rsplit(":", 1)[-1],
-        "management_address": props.get("management_address", "http://127.0.0.1:8081").rsplit(":", 1)[-1],
-        "metrics_address": props.get("metrics_address", "http://127.0.0.1:8082").rsplit(":", 1)[-1],
-        "grpc_inference_port": props.get("grpc_inference_port", "7070"),
-        "grpc_management_port": props.get("grpc_management_port", "7071"),
-    }
-    busy = []
-    for name, port in wanted.items():
+def busy(addresses: dict[str, str]) -> list[str]:
+    taken = []
+    for name, addr in addresses.items():
+        host, port = addr.rsplit(":", 1)
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", int(port)))
+                sock.bind((host, int(port)))
             except OSError:
-                busy.append(f"port {port} ({name})")
-    return busy
+                taken.append(f"{addr} ({name})")
+    return taken
 
 
-def answers(client: TorchServeClient, model: str) -> bool:
+def stack_options(args) -> StackOptions:
+    props = read_properties(args.config)
+    store = Path(props.get("model_store", "model_store"))
+    addr = public_addresses(args)
+    return StackOptions(run_dir=args.run_dir.resolve(), log_dir=args.log_dir.resolve(), key_file=args.key_file.resolve(),
+                        model_store=(store if store.is_absolute() else args.config.parent / store).resolve(),
+                        model=args.model, replicas=args.replicas, public_inference=addr["inference"],
+                        public_management=addr["management"], public_metrics=addr["metrics"],
+                        max_body=int(props.get("max_request_size", 10 * 2**20)), large_bodies=args.large_bodies,
+                        ready_timeout_s=args.timeout)
+
+
+def state(args) -> dict:
     try:
-        return client.predict(model, EXAMPLE.read_bytes(), check=False).status_code == 200
-    except Exception:
-        return False
+        return json.loads((args.run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def how_to_call(client: TorchServeClient, model: str, answer: dict) -> str:
-    inf, mgmt, met = client.endpoints.inference, client.endpoints.management, client.endpoints.metrics
-    key_file = client.key_file.relative_to(Path.cwd()) if client.key_file.is_relative_to(Path.cwd()) else client.key_file
+def running_pid(args) -> int | None:
+    pid = state(args).get("pid")
+    try:
+        return pid if pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+# --- actions -----------------------------------------------------------------------------------------
+def answers(client: TorchServeClient, model: str) -> dict | None:
+    try:
+        resp = client.predict(model, EXAMPLE.read_bytes(), check=False)
+        return resp.json() if resp.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def how_to_call(args, answer: dict) -> str:
+    client = public_client(args)
+    ep, key_file = client.endpoints, args.key_file
+    shown = key_file.relative_to(Path.cwd()) if key_file.is_relative_to(Path.cwd()) else key_file
     return f"""
-TorchServe is serving '{model}'  (example: {EXAMPLE.name} -> {answer['label']}, confidence {answer['confidence']:.3f})
+Serving '{args.model}' through the gateway with {args.replicas} TorchServe replica(s)
+  (example: {EXAMPLE.name} -> {answer['label']}, confidence {answer['confidence']:.3f})
 
-  inference   {inf}/predictions/{model}
-  management  {mgmt}/models/{model}
-  metrics     {met}/metrics
-  keys        {key_file}  (token auth is on; inference keys expire after 60 min: renew with
-              python -m scripts.ops.ctl health, or GET {mgmt}/token?type=inference with the API key)
+  inference   {ep.inference}/predictions/{args.model}      readiness: {ep.inference}/ping
+  management  {ep.management}/models/{args.model}          (management key; /replicas lists the replicas)
+  metrics     {ep.metrics}/metrics                      (for the scraper; every replica, labelled)
+  keys        {shown}  (service credentials; they do not expire)
 
 Call it:
-  TOKEN=$(python3 -c 'import json; print(json.load(open("{key_file}"))["inference"]["key"])')
-  curl -H "Authorization: Bearer $TOKEN" -T examples/ankle_boot.png {inf}/predictions/{model}
-  curl -H "Authorization: Bearer $TOKEN" -H "X-TTA: off" -H "X-Top-K: 5" -F data=@examples/coat.png {inf}/predictions/{model}
+  TOKEN=$(python3 -c 'import json; print(json.load(open("{shown}"))["inference"]["key"])')
+  curl -H "Authorization: Bearer $TOKEN" --data-binary @examples/coat.png {ep.inference}/predictions/{args.model}
+  curl -H "Authorization: Bearer $TOKEN" -H "X-Top-K: 5" -F data=@examples/coat.png {ep.inference}/predictions/{args.model}
 
 Or with the client:  .venv/bin/python -m scripts.ops.client examples/*.png
-Stop it with:        make stop
+Status: make status     Stop: make stop
 """
 
 
 def start(args) -> int:
-    client = TorchServeClient.from_config(args.config, args.workdir)
-    if answers(client, args.model):
-        print(how_to_call(client, args.model, client.predict(args.model, EXAMPLE.read_bytes()).json()))
+    client = public_client(args)
+    answer = answers(client, args.model) if running_pid(args) else None
+    if answer:
+        print(how_to_call(args, answer))
         return 0
-    busy = busy_ports(args.config)
-    if busy:
-        print(f"error: cannot start TorchServe: {', '.join(busy)} already in use by another process. "
-              f"Stop it, or change the port in {args.config.name}.", file=sys.stderr)
+    taken = busy(public_addresses(args))
+    if taken:
+        print(f"error: cannot start the gateway: {', '.join(taken)} already in use. Stop what holds it "
+              f"(make stop, or torchserve --stop for a TorchServe started by hand), or change the port.", file=sys.stderr)
         return 1
-    logs = args.workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    cmd = [torchserve(), "--start", "--ts-config", str(args.config), "--ncs"]
-    print("starting:", " ".join(cmd))
-    start_log = logs / "torchserve_start.log"
-    with open(start_log, "ab") as log:
-        subprocess.run(cmd, cwd=args.workdir, stdout=log, stderr=subprocess.STDOUT, check=True)
-    pid = server_pid()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = args.log_dir / "serve.log"
+    cmd = [sys.executable, "-m", "scripts.deploy.serve", "run", "--replicas", str(args.replicas),
+           "--config", str(args.config), "--run-dir", str(args.run_dir), "--log-dir", str(args.log_dir),
+           "--key-file", str(args.key_file), "--large-bodies", str(args.large_bodies), "--model", args.model,
+           "--timeout", str(args.timeout)] + (["--host", args.host] if args.host else []) + \
+          (["--ports", args.ports] if args.ports else [])
+    print(f"starting the gateway and {args.replicas} TorchServe replica(s); log: {log_path}")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + args.timeout * 1.5 + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+            print(f"error: the serving stack exited with {proc.returncode}; last lines of {log_path}:\n{tail}", file=sys.stderr)
+            return 1
+        answer = answers(client, args.model) if args.key_file.exists() else None
+        if answer:
+            print(how_to_call(args, answer))
+            return 0
+        time.sleep(0.5)
+    print(f"error: no prediction through the gateway within {deadline:.0f} s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def run(args) -> int:
+    stack = Stack(stack_options(args))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stack.stopping.set())
     try:
-        answer = wait_ready(client, args.model, EXAMPLE.read_bytes(), deadline_s=args.timeout,
-                            alive=lambda: pid is None or (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE))
-    except (TimeoutError, RuntimeError) as exc:
+        stack.start()
+        stack.supervise()
+        return 0
+    except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
-        for log in (start_log, logs / "model_log.log"):
-            if log.exists():
-                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                print(f"--- last lines of {log}:\n{tail}", file=sys.stderr)
         return 1
-    print(how_to_call(client, args.model, answer))
-    return 0
+    finally:
+        stack.stop()
 
 
 def stop(args) -> int:
-    result = subprocess.run([torchserve(), "--stop"], cwd=args.workdir, capture_output=True, text=True)
-    print((result.stdout + result.stderr).strip())
+    pid = running_pid(args)
+    if pid is None and not state(args):
+        # No gateway stack here: stop a TorchServe started by hand from this folder, as before.
+        result = subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=REPO,
+                                capture_output=True, text=True)
+        print((result.stdout + result.stderr).strip())
+        return 0
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            psutil.Process(pid).wait(timeout=90)
+        except psutil.TimeoutExpired:
+            print(f"the serving stack (pid {pid}) did not stop within 90 s", file=sys.stderr)
+            return 1
+        except psutil.NoSuchProcess:
+            pass
+    leftover(args)
+    (args.run_dir / "state.json").unlink(missing_ok=True)
+    print("stopped")
     return 0
+
+
+def leftover(args) -> None:
+    """Whatever a killed ``run`` left behind: replicas (torchserve --stop in their TMPDIR) and nginx."""
+    st = state(args)
+    for rep in st.get("replicas", []):
+        tmp = Path(rep["workdir"]) / "tmp"
+        if (tmp / ".model_server.pid").exists():
+            env = {**os.environ, "TMPDIR": str(tmp)}
+            subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=rep["workdir"], env=env,
+                           capture_output=True, timeout=120)
+    gw = st.get("gateway_pid")
+    try:
+        if gw and "nginx" in psutil.Process(gw).name():
+            os.kill(gw, signal.SIGQUIT)
+    except psutil.Error:
+        pass
 
 
 def status(args) -> int:
-    client = TorchServeClient.from_config(args.config, args.workdir)
+    client = public_client(args, timeout=10)
     try:
-        print("ping:", client.ping())
-        for entry in client.describe(args.model):
-            workers = ", ".join(f"{w['id']}:{w['status']}" for w in entry["workers"])
-            print(f"{entry['modelName']} v{entry['modelVersion']}: workers [{workers}]")
-    except (ApiError, OSError) as exc:
-        print(f"not serving: {exc}")
+        resp = requests.get(f"{client.endpoints.inference}/ping", timeout=10)
+        ready = resp.json()
+    except (requests.RequestException, ValueError) as exc:
+        print(f"not serving: the gateway at {client.endpoints.inference} does not answer ({exc})")
         return 1
-    return 0
+    print(f"readiness: {ready.get('status')} ({ready.get('ready_replicas')} of {len(ready.get('replicas', []))} "
+          "replica(s) answered a prediction just now)")
+    for rep in ready.get("replicas", []):
+        line = f"  replica {rep['index']}: {'ready' if rep['ready'] else 'NOT READY'} ({rep['detail']}; restarts {rep['restarts']})"
+        try:
+            for entry in client.request("management", "GET", f"/replicas/{rep['index']}/models/{args.model}/all").json():
+                workers = ", ".join(f"{w['id']}:{w['status']}" for w in entry["workers"]) or "none"
+                line += f"\n    {entry['modelName']} v{entry['modelVersion']}: workers [{workers}]"
+        except (ApiError, requests.RequestException, ValueError) as exc:
+            line += f"\n    workers unknown: {exc}"
+        print(line)
+    return 0 if resp.status_code == 200 else 1
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"start": start, "stop": stop, "status": status}[args.action](args)
+    return {"start": start, "run": run, "stop": stop, "status": status}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""One TorchServe replica behind the gateway: its own folder, ports, TMPDIR and worker ports.
+
+Two TorchServes on one host collide on ``$TMPDIR/.model_server.pid`` and on worker
+ports 9000+, so replica ``i`` runs from ``<run>/replica-i`` with ``TMPDIR`` (and the
+JVM's ``java.io.tmpdir``, where worker sockets live) inside it, free loopback ports
+for its REST and gRPC APIs, and worker ports from ``9000 + 1000 * (i + 1)``. Its
+config is the shipped config.properties with only those lines rewritten
+(scripts/deploy/harness.py:write_config). Token auth stays on; its keys (in its
+folder, owner-only) are read by the gateway, which is the only client that holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+from scripts.deploy.gateway import ReplicaRoute
+from scripts.deploy.harness import EXAMPLE, Server, write_config
+from scripts.ops.tsclient import TorchServeClient, wait_ready
+
+# The gateway's copies of the replicas' keys are rewritten when a replica restarts, so replica
+# keys need not expire while it runs (TorchServe's default, 60 min, would lock the gateway out).
+KEY_LIFETIME_MIN = 60 * 24 * 365
+
+
+class Replica:
+    def __init__(self, index: int, run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None):
+        self.index = index
+        self.workdir = run_dir / f"replica-{index}"
+        self.model_store = model_store
+        self.overrides = overrides or {}
+        self.server: Server | None = None
+        self.lock = threading.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def configure(self) -> Server:
+        """A fresh config (new free ports) in the replica's folder."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o700)
+        overrides = {
+            "token_expiration_min": str(KEY_LIFETIME_MIN),
+            "initial_worker_port": str(9000 + 1000 * (self.index + 1)),
+            "initial_distribution_port": str(29500 + 100 * (self.index + 1)),
+            **self.overrides,
+        }
+        config = write_config(self.workdir, self.model_store, overrides)
+        self.server = Server(self.workdir, config, self.model_store, TorchServeClient.from_config(config, self.workdir))
+        return self.server
+
+    def launch(self) -> None:
+        """``torchserve --start`` (returns once the frontend is forked; models load after)."""
+        server = self.configure()
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        log = self.workdir / "logs"
+        log.mkdir(exist_ok=True)
+        with open(log / "torchserve_start.log", "ab") as out:
+            subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--start",
+                            "--ts-config", str(server.config), "--ncs"],
+                           cwd=self.workdir, env=server.env, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, model: str, deadline_s: float = 240.0) -> dict:
+        return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s, alive=self.alive)
+
+    def stop(self) -> None:
+        if self.server is not None and self.pid() is not None:
+            self.server.stop()
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def client(self) -> TorchServeClient:
+        assert self.server is not None, "configure() first"
+        return self.server.client
+
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.workdir / "tmp" / ".model_server.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _running(pid) else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    def keys(self) -> dict:
+        return json.loads((self.workdir / "key_file.json").read_text())
+
+    def route(self) -> ReplicaRoute:
+        keys, ep = self.keys(), self.client.endpoints
+        return ReplicaRoute(self.index, ep.inference, ep.management, ep.metrics,
+                            keys["inference"]["key"], keys["management"]["key"])
+
+    def describe(self) -> dict:
+        ep = self.client.endpoints if self.server else None
+        return {"index": self.index, "pid": self.pid(), "workdir": str(self.workdir),
+                "inference": ep.inference if ep else None, "management": ep.management if ep else None,
+                "metrics": ep.metrics if ep else None}
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

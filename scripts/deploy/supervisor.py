@@ -1,0 +1,355 @@
+"""The serving stack: N TorchServe replicas, the nginx gateway in front, and a supervisor that keeps them up.
+
+    client -> gateway (nginx: credential, limits, retries) -> replica hop -> TorchServe i -> workers
+
+The supervisor (one thread of ``python -m scripts.deploy.serve run``)
+
+- restarts a replica whose frontend died, and the gateway if nginx died; each restart is
+  logged (logs/supervisor.log) and counted (``gateway_replica_restarts_total``);
+- probes every replica with a real prediction every PROBE_INTERVAL_S seconds, so readiness
+  (the gateway's ``/ping``, ``make status``) says whether a prediction can be served *now*: a
+  replica with 0 workers, or whose only worker is frozen, is not ready, whatever TorchServe's
+  own ``/ping`` says; replicas that are not ready are taken out of the gateway's rotation
+  while another one is ready;
+- serves, on a Unix socket only nginx reaches, ``/ready`` and ``/metrics``: every replica's
+  TorchServe metrics with a ``replica`` label, plus its own.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import logging.handlers
+import os
+import re
+import socketserver
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scripts.deploy import capacity as capacity_mod
+from scripts.deploy.gateway import Gateway, GatewaySettings, service_keys, write_private
+from scripts.deploy.harness import EXAMPLE
+from scripts.deploy.replicas import Replica
+from scripts.ops.tsclient import TorchServeClient
+
+PROBE_INTERVAL_S = 2.0
+PROBE_TIMEOUT_S = 5.0
+FAILURES_BEFORE_UNREADY = 2
+STALE_AFTER_S = 15.0  # a probe older than this does not count as ready
+
+log = logging.getLogger("supervisor")
+
+
+@dataclass
+class StackOptions:
+    run_dir: Path
+    log_dir: Path
+    key_file: Path
+    model_store: Path
+    model: str = "fashion_cnn"
+    replicas: int = 1
+    public_inference: str = "127.0.0.1:8080"
+    public_management: str = "127.0.0.1:8081"
+    public_metrics: str = "127.0.0.1:8082"
+    max_body: int = 10 * 2**20
+    large_bodies: int = 4
+    ready_timeout_s: float = 240.0
+    replica_overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Health:
+    ready: bool = False
+    failures: int = 0
+    checked_at: float = 0.0
+    detail: str = "not probed yet"
+    restarts: int = 0
+    restarting: bool = False
+
+    def to_json(self, now: float) -> dict:
+        return {"ready": self.is_ready(now), "detail": self.detail, "restarts": self.restarts,
+                "probe_age_s": round(now - self.checked_at, 1) if self.checked_at else None}
+
+    def is_ready(self, now: float) -> bool:
+        return self.ready and not self.restarting and now - self.checked_at < STALE_AFTER_S
+
+
+class Stack:
+    def __init__(self, opts: StackOptions):
+        self.opts = opts
+        self.replicas = [Replica(i, opts.run_dir, opts.model_store, opts.replica_overrides) for i in range(opts.replicas)]
+        self.health = {r.index: Health() for r in self.replicas}
+        self.gateway: Gateway | None = None
+        self.capacity: capacity_mod.Capacity | None = None
+        self.keys: dict = {}
+        self.gateway_restarts = 0
+        self.started_at = time.time()
+        self.render_lock = threading.Lock()
+        self.status_server: socketserver.BaseServer | None = None
+        self.stopping = threading.Event()
+        self._probe_clients: dict[int, TorchServeClient] = {}
+
+    # --- start / stop -------------------------------------------------------------------------
+    def start(self) -> None:
+        opts = self.opts
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        opts.run_dir.chmod(0o700)
+        setup_logging(opts.log_dir)
+        log.info("starting %d replica(s) of %s", len(self.replicas), opts.model)
+        with ThreadPoolExecutor(len(self.replicas)) as pool:
+            list(pool.map(lambda r: r.launch(), self.replicas))
+            list(pool.map(lambda r: r.wait_ready(opts.model, opts.ready_timeout_s), self.replicas))
+        for r in self.replicas:
+            self.health[r.index] = Health(ready=True, checked_at=time.monotonic(), detail="answered at start")
+        self.capacity = capacity_mod.measure([r.pid() for r in self.replicas])
+        log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
+        self.keys = service_keys(opts.key_file)
+        self.start_status_server()
+        self.gateway = Gateway(self.settings())
+        self.gateway.write(self.keys)
+        self.publish()
+        self.gateway.start()
+        log.info("gateway up: inference %s, management %s, metrics %s",
+                 opts.public_inference, opts.public_management, opts.public_metrics)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.gateway is not None:
+            self.gateway.stop()
+        with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
+            list(pool.map(lambda r: r.stop(), self.replicas))
+        if self.status_server is not None:
+            self.status_server.shutdown()
+            self.status_server.server_close()
+        (self.opts.run_dir / "supervisor.sock").unlink(missing_ok=True)
+        log.info("stopped")
+
+    # --- the gateway's view ---------------------------------------------------------------------
+    def settings(self) -> GatewaySettings:
+        now = time.monotonic()
+        routes = []
+        for r in self.replicas:
+            try:
+                routes.append(r.route())
+            except (OSError, ValueError, KeyError):  # a replica mid-restart has no key file yet
+                continue
+        ready = {i for i, h in self.health.items() if h.is_ready(now)}
+        if ready:  # take unready replicas out of rotation, unless none is ready (then keep trying all)
+            for route in routes:
+                route.down = route.index not in ready
+        o = self.opts
+        return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
+                               public_management=o.public_management, public_metrics=o.public_metrics,
+                               max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies,
+                               replicas=routes)
+
+    def rerender(self, why: str) -> None:
+        with self.render_lock:
+            if self.gateway is None or self.stopping.is_set():
+                return
+            self.gateway.settings = self.settings()
+            self.gateway.write(self.keys)
+            self.publish()
+            self.gateway.reload()
+            log.info("gateway reloaded: %s", why)
+
+    def publish(self) -> None:
+        """run/replicas.json: what GET /replicas on the management port answers; run/state.json for `serve stop`."""
+        state = {"replicas": [r.describe() for r in self.replicas],
+                 "capacity": self.capacity.to_json() if self.capacity else None,
+                 "public": {"inference": self.opts.public_inference, "management": self.opts.public_management,
+                            "metrics": self.opts.public_metrics}}
+        (self.opts.run_dir / "replicas.json").write_text(json.dumps(
+            {"replicas": [{"index": r.index} for r in self.replicas], "capacity": state["capacity"]}, indent=2))
+        write_private(self.opts.run_dir / "state.json",
+                      json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None},
+                                 indent=2))
+
+    # --- supervision ----------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Until stop: restart what died, probe readiness, keep the gateway's rotation current."""
+        next_probe = 0.0
+        while not self.stopping.wait(0.5):
+            for r in self.replicas:
+                h = self.health[r.index]
+                if not h.restarting and not r.alive():
+                    self.restart(r)
+            if self.gateway is not None and self.gateway.pid() is None and not self.stopping.is_set():
+                self.gateway_restarts += 1
+                log.error("gateway (nginx) is gone: restarting it (restart %d)", self.gateway_restarts)
+                try:
+                    with self.render_lock:
+                        self.gateway.write(self.keys)
+                        self.gateway.start()
+                except Exception:
+                    log.exception("gateway restart failed; trying again")
+            if time.monotonic() >= next_probe:
+                self.probe_all()
+                next_probe = time.monotonic() + PROBE_INTERVAL_S
+
+    def restart(self, replica: Replica) -> None:
+        h = self.health[replica.index]
+        h.restarts += 1
+        h.restarting, h.ready = True, False
+        log.error("replica %d: TorchServe frontend is gone: restarting it (restart %d)", replica.index, h.restarts)
+        self.rerender(f"replica {replica.index} out of rotation while it restarts")
+
+        def run() -> None:
+            try:
+                replica.stop()  # reap what may be left of it (workers, pid file)
+                replica.launch()
+                self._probe_clients.pop(replica.index, None)
+                replica.wait_ready(self.opts.model, self.opts.ready_timeout_s)
+                h.ready, h.failures, h.checked_at, h.detail = True, 0, time.monotonic(), "answered after restart"
+                log.info("replica %d is back (pid %s)", replica.index, replica.pid())
+            except Exception as exc:
+                log.error("replica %d did not come back: %s", replica.index, exc)
+            finally:
+                h.restarting = False
+                self.rerender(f"replica {replica.index} restarted")
+
+        threading.Thread(target=run, name=f"restart-{replica.index}", daemon=True).start()
+
+    def probe_client(self, replica: Replica) -> TorchServeClient:
+        client = self._probe_clients.get(replica.index)
+        if client is None:
+            client = TorchServeClient(replica.client.endpoints, replica.client.key_file, timeout=PROBE_TIMEOUT_S)
+            self._probe_clients[replica.index] = client
+        return client
+
+    def probe_all(self) -> None:
+        before = {i for i, h in self.health.items() if h.is_ready(time.monotonic())}
+        with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
+            list(pool.map(self.probe, [r for r in self.replicas if not self.health[r.index].restarting]))
+        after = {i for i, h in self.health.items() if h.is_ready(time.monotonic())}
+        if before != after:
+            log.warning("ready replicas: %s -> %s", sorted(before), sorted(after))
+            self.rerender(f"ready replicas now {sorted(after)}")
+
+    def probe(self, replica: Replica) -> None:
+        h = self.health[replica.index]
+        try:
+            resp = self.probe_client(replica).predict(self.opts.model, EXAMPLE.read_bytes(), check=False)
+            ok = resp.status_code == 200
+            detail = "answered a prediction" if ok else f"prediction answered HTTP {resp.status_code}: {resp.text[:120]}"
+        except Exception as exc:  # timeouts, refused connections: not ready
+            ok, detail = False, f"{type(exc).__name__}: {str(exc)[:160]}"
+        h.checked_at, h.detail = time.monotonic(), detail
+        if ok:
+            h.ready, h.failures = True, 0
+        else:
+            h.failures += 1
+            if h.failures >= FAILURES_BEFORE_UNREADY:
+                h.ready = False
+
+    # --- /ready and /metrics --------------------------------------------------------------------
+    def readiness(self) -> tuple[int, dict]:
+        now = time.monotonic()
+        replicas = [{"index": i, **h.to_json(now)} for i, h in self.health.items()]
+        ready = sum(r["ready"] for r in replicas)
+        status = "Healthy" if ready else "Unhealthy"
+        return (200 if ready else 503), {"status": status, "ready_replicas": ready, "replicas": replicas}
+
+    def metrics(self) -> str:
+        texts = {}
+        for r in self.replicas:
+            if self.health[r.index].restarting:
+                continue
+            try:
+                texts[r.index] = self.probe_client(r).metrics_text()
+            except Exception as exc:
+                log.warning("replica %d metrics unavailable: %s", r.index, exc)
+        now = time.monotonic()
+        own = ["# HELP gateway_replica_restarts_total TorchServe frontends restarted by the supervisor.",
+               "# TYPE gateway_replica_restarts_total counter"]
+        own += [f'gateway_replica_restarts_total{{replica="{i}"}} {h.restarts}' for i, h in self.health.items()]
+        own += ["# HELP gateway_replica_ready 1 when the replica answered the supervisor's last prediction probe.",
+                "# TYPE gateway_replica_ready gauge"]
+        own += [f'gateway_replica_ready{{replica="{i}"}} {int(h.is_ready(now))}' for i, h in self.health.items()]
+        own += ["# HELP gateway_restarts_total nginx restarts by the supervisor.", "# TYPE gateway_restarts_total counter",
+                f"gateway_restarts_total {self.gateway_restarts}"]
+        if self.capacity is not None:
+            own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/deploy/capacity.py).",
+                    "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]
+        return merge_metrics(texts) + "\n".join(own) + "\n"
+
+    def start_status_server(self) -> None:
+        sock = self.opts.run_dir / "supervisor.sock"
+        sock.unlink(missing_ok=True)
+        stack = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                if self.path == "/ready":
+                    code, body = stack.readiness()
+                    payload, ctype = json.dumps(body).encode(), "application/json"
+                elif self.path == "/metrics":
+                    code, payload, ctype = 200, stack.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    code, payload, ctype = 404, b'{"code":404}', "application/json"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def address_string(self):
+                return "gateway"
+
+            def log_message(self, *args):
+                pass
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.status_server = Server(str(sock), Handler)
+        os.chmod(sock, 0o600)
+        threading.Thread(target=self.status_server.serve_forever, name="status", daemon=True).start()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{.*\})?\s+(.*)$")
+
+
+def merge_metrics(texts: dict[int, str]) -> str:
+    """Several replicas' Prometheus texts as one: each family once, each sample labelled ``replica``."""
+    families: dict[str, dict] = {}
+    for index, text in sorted(texts.items()):
+        current = None
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                parts = line.split(" ", 3)
+                current = parts[2]
+                fam = families.setdefault(current, {"HELP": None, "TYPE": None, "samples": []})
+                fam[parts[1]] = fam[parts[1]] or line
+                continue
+            match = _SAMPLE.match(line)
+            if not match:
+                continue
+            name, labels, value = match.groups()
+            label = f'replica="{index}"'
+            labels = f"{{{label},{labels[1:]}" if labels and labels != "{}" else f"{{{label}}}"
+            family = current if current and name.startswith(current) else name
+            families.setdefault(family, {"HELP": None, "TYPE": None, "samples": []})["samples"].append(
+                f"{name}{labels} {value}")
+    out = []
+    for fam in families.values():
+        out += [line for line in (fam["HELP"], fam["TYPE"]) if line] + fam["samples"]
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def setup_logging(log_dir: Path) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if any(getattr(h, "_supervisor", False) for h in log.handlers):
+        return
+    handler = logging.handlers.RotatingFileHandler(log_dir / "supervisor.log", maxBytes=5 * 2**20, backupCount=3)
+    handler._supervisor = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(asctime)s supervisor %(levelname)s %(message)s"))
+    log.addHandler(stream)
+    log.setLevel(logging.INFO)
