@@ -66,9 +66,17 @@ class Replica:
     def wait_ready(self, model: str, deadline_s: float = 240.0) -> dict:
         return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s, alive=self.alive)
 
-    def stop(self) -> None:
-        if self.server is not None and self.pid() is not None:
-            self.server.stop()
+    def stop(self, timeout: float = 60.0) -> None:
+        """``torchserve --stop``, then wait until the frontend and its workers are gone."""
+        pid = self.pid()
+        if self.server is None or pid is None:
+            return
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        self.server.stop()
+        psutil.wait_procs(procs, timeout=timeout)
 
     # --- state ----------------------------------------------------------------------------------
     @property

@@ -111,8 +111,9 @@ class Stack:
         self.start_status_server()
         self.gateway = Gateway(self.settings())
         self.gateway.write(self.keys)
-        self.publish()
+        self.publish()  # GET /replicas must answer from the first request on
         self.gateway.start()
+        self.publish()  # now with the gateway's pid
         log.info("gateway up: inference %s, management %s, metrics %s",
                  opts.public_inference, opts.public_management, opts.public_metrics)
 

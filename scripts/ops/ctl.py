@@ -1,7 +1,7 @@
 """Operate a running TorchServe: one thin client of its inference, management and metrics APIs.
 
     python -m scripts.ops.ctl status                          # models, versions, workers (pid, state, RSS), queues
-    python -m scripts.ops.ctl scale fashion_cnn --workers 3   # min = max = 3, waits until they are up
+    python -m scripts.ops.ctl scale fashion_cnn --workers 3   # min = max = 3 (every replica), waits; capped
     python -m scripts.ops.ctl versions fashion_cnn
     python -m scripts.ops.ctl set-default fashion_cnn 2.0     # refuses a version with no READY worker
     python -m scripts.ops.ctl predict examples/*.png [--top-k 5] [--no-tta] [--json]
@@ -26,8 +26,11 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import requests
 
+from scripts.deploy import capacity
+from scripts.deploy.capacity import Capacity
 from scripts.ops import drift
 from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
@@ -162,17 +165,46 @@ def cmd_versions(args) -> int:
     return 0
 
 
+def worker_limit(client: TorchServeClient, model: str) -> tuple[Capacity | None, list[int] | None]:
+    """The worker cap and the replicas to scale.
+
+    Through the gateway: the cap it enforces and its replicas (GET /replicas). A TorchServe
+    reached directly: the same rule (scripts/deploy/capacity.py) applied to its workers,
+    measured here when it runs on this machine; (None, None) when it cannot be measured.
+    """
+    resp = client.request("management", "GET", "/replicas", check=False)
+    if resp.status_code == 200:
+        body = resp.json()
+        return Capacity.from_json(body["capacity"]), [r["index"] for r in body["replicas"]]
+    if not client.endpoints.is_local():
+        return None, None
+    pids = [w["pid"] for d in client.describe(model) for w in d.get("workers", []) if w.get("pid")]
+    try:
+        frontend = psutil.Process(int(pids[0])).parent().pid
+        return capacity.measure([frontend]), None
+    except (IndexError, psutil.Error, RuntimeError, ValueError):
+        return None, None
+
+
 def cmd_scale(args) -> int:
     client = connect(args)
     if args.workers < 0:
         raise Refused("--workers must be 0 or more")
+    cap, replicas = worker_limit(client, args.model)
+    if cap is not None and (why := cap.check(args.workers, force=args.force)):
+        raise Refused(why)
+    if cap is None and args.workers > 0:
+        print("warning: could not measure this server's capacity; the worker count is not checked", file=sys.stderr)
     version = args.version or client.default_version(args.model)
     if args.workers == 0 and version == client.default_version(args.model) and not args.force:
         raise Refused(f"{args.model} {version} is the default version: 0 workers would fail every request "
                       "(set another default first, or pass --force)")
-    answer = client.scale(args.model, args.workers, version=version, timeout=args.timeout)
-    print(answer.get("status", answer))
-    print(format_state(model_state(client, args.model)))
+    for prefix in [f"/replicas/{i}" for i in replicas] if replicas else [""]:
+        answer = client.scale(args.model, args.workers, version=version, timeout=args.timeout,
+                              prefix=prefix, force=args.force)
+        print(f"{prefix.strip('/') or args.model}: {answer.get('status', answer)}")
+    if not replicas:
+        print(format_state(model_state(client, args.model)))
     return 0
 
 

@@ -209,10 +209,17 @@ class TorchServeClient:
         """DELETE /models/{model}/{version} (needs enable_model_api=true; never the default version)."""
         return self.request("management", "DELETE", f"/models/{model}/{version}", timeout=120).json()
 
-    def scale(self, model: str, workers: int, version: str | None = None, timeout: float = 180) -> dict:
-        """Set min = max = ``workers`` and wait until they are up (never the bare PUT)."""
-        path = f"/models/{model}" + (f"/{version}" if version else "")
+    def scale(self, model: str, workers: int, version: str | None = None, timeout: float = 180,
+              prefix: str = "", force: bool = False) -> dict:
+        """Set min = max = ``workers`` and wait until they are up (never the bare PUT).
+
+        ``prefix`` addresses one replica behind the gateway (``/replicas/<i>``); ``force``
+        tells the gateway that 0 workers (an outage) is meant.
+        """
+        path = f"{prefix}/models/{model}" + (f"/{version}" if version else "")
         params = {"min_worker": workers, "max_worker": workers, "synchronous": "true", "timeout": int(timeout)}
+        if force:
+            params["force"] = "true"
         return self.request("management", "PUT", path, params=params, timeout=timeout + 10).json()
 
     def set_default(self, model: str, version: str) -> dict:
