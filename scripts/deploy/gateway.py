@@ -69,7 +69,7 @@ class GatewaySettings:
     max_body: int  # bytes: config.properties' max_request_size
     capacity: Capacity
     large_bodies: int = 4  # large bodies in flight at once, per gateway
-    read_timeout_s: int = 60
+    read_timeout_s: int = 30  # a prediction takes milliseconds; a frozen worker should not hold a client longer
     tries: int = 3
     retry_window_s: int = 60
     auth_failure_rate: str = "30r/m"

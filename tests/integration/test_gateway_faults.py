@@ -1,0 +1,136 @@
+"""Faults under load through the gateway with two replicas: no request is lost.
+
+16 concurrent clients post real images for a bounded time while a worker is killed, a
+whole replica is killed, or a replica's workers are frozen. Every request must get its
+200; the supervisor must bring the dead replica back, count the restart, and put it
+back into rotation; a frozen replica must stop being "ready" while the other serves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+
+import psutil
+import pytest
+import requests
+
+from scripts.deploy.capacity import workers_of
+from scripts.deploy.harness import REPO
+from tests.integration.stack import running_stack
+
+COAT = REPO / "examples" / "coat.png"
+CLIENTS = 16
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with running_stack(tmp_path_factory.mktemp("faults"), replicas=2) as s:
+        yield s
+
+
+class Load:
+    """CLIENTS threads posting coat.png until stopped; every status (or exception) counted."""
+
+    def __init__(self, stack):
+        self.url = f"{stack.inference}/predictions/fashion_cnn"
+        self.headers = {"Authorization": f"Bearer {stack.key()}"}
+        self.stop = threading.Event()
+        self.results: Counter = Counter()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(CLIENTS)]
+
+    def client(self):
+        session, body = requests.Session(), COAT.read_bytes()
+        while not self.stop.is_set():
+            try:
+                resp = session.post(self.url, data=body, headers=self.headers, timeout=90)
+                outcome = resp.status_code if resp.status_code != 200 or resp.json()["label"] == "Coat" else "wrong label"
+            except Exception as exc:  # a lost request
+                outcome = type(exc).__name__
+            with self.lock:
+                self.results[outcome] += 1
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(3)  # in full swing before the fault
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def frontend(stack, index: int) -> psutil.Process:
+    return psutil.Process(next(r["pid"] for r in stack.replica_state() if r["index"] == index))
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def ready_replicas(stack) -> set[int]:
+    try:
+        return {r["index"] for r in stack.ping().json()["replicas"] if r["ready"]}
+    except (requests.RequestException, ValueError, KeyError):
+        return set()
+
+
+def test_killing_a_worker_under_load_loses_no_request(stack):
+    victim = workers_of(frontend(stack, 0).pid)[0]
+    with Load(stack) as load:
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(8)
+    assert set(load.results) == {200}, load.results
+    assert sum(load.results.values()) > 50
+    wait_for(lambda: len(workers_of(frontend(stack, 0).pid)) == 2, 60, "TorchServe to replace the worker")
+    print(f"worker kill: {dict(load.results)}; retried: {sum(e['retries'] > 0 for e in stack.access_log())}")
+
+
+def test_killing_a_whole_replica_under_load_loses_no_request_and_it_comes_back(stack):
+    victim = frontend(stack, 1)
+    with Load(stack) as load:
+        victim.kill()
+        time.sleep(5)
+        wait_for(lambda: ready_replicas(stack) == {0, 1}, 120, "the supervisor to bring replica 1 back")
+        back = time.time()
+        time.sleep(5)  # serving on both again
+    assert set(load.results) == {200}, load.results
+    assert frontend(stack, 1).pid != victim.pid
+    metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
+    assert 'gateway_replica_restarts_total{replica="1"} 1' in metrics
+    served_after = [e for e in stack.access_log() if "replica-1.sock" in e["upstream"].split(",")[-1]
+                    and e["status"] == 200 and datetime.fromisoformat(e["time"]).timestamp() >= back - 1]
+    assert served_after, "replica 1 came back but got no traffic"
+    log = (stack.log_dir / "supervisor.log").read_text()
+    assert "replica 1: TorchServe frontend is gone: restarting it (restart 1)" in log and "replica 1 is back" in log
+
+
+def test_a_frozen_replica_is_not_ready_and_leaves_rotation_while_the_other_serves(stack):
+    workers = workers_of(frontend(stack, 1).pid)
+    assert workers
+    try:
+        for w in workers:
+            w.suspend()
+        wait_for(lambda: ready_replicas(stack) == {0}, 40, "replica 1 to turn not ready while frozen")
+        assert stack.ping().status_code == 200  # one replica can still serve
+        status = stack.serve("status", timeout=60)
+        assert "replica 1: NOT READY" in status.stdout and status.returncode == 0, status.stdout
+        with Load(stack) as load:
+            time.sleep(5)
+        assert set(load.results) == {200}, load.results
+    finally:
+        for w in workers:
+            w.resume()
+    wait_for(lambda: ready_replicas(stack) == {0, 1}, 60, "replica 1 to be ready again after it thaws")
