@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost lint clean
+.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost bench-gateway lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -67,3 +67,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build model_store/*.mar logs
+
+# The gateway's overhead and 1 vs 2 replicas at concurrency 16: the gateway section of docs/benchmarks.md
+bench-gateway: $(STAMP) $(MAR)
+	$(PY) -m scripts.bench.gateway $(BENCH_ARGS)
