@@ -191,7 +191,7 @@ def cmd_scale(args) -> int:
     if args.workers < 0:
         raise Refused("--workers must be 0 or more")
     cap, replicas = worker_limit(client, args.model)
-    if cap is not None and (why := cap.check(args.workers, force=args.force)):
+    if cap is not None and args.workers > 0 and (why := cap.check(args.workers)):
         raise Refused(why)
     if cap is None and args.workers > 0:
         print("warning: could not measure this server's capacity; the worker count is not checked", file=sys.stderr)
@@ -199,9 +199,11 @@ def cmd_scale(args) -> int:
     if args.workers == 0 and version == client.default_version(args.model) and not args.force:
         raise Refused(f"{args.model} {version} is the default version: 0 workers would fail every request "
                       "(set another default first, or pass --force)")
+    # 0 workers got past the check above: not the default version, or --force. The gateway, which cannot
+    # tell versions apart, refuses any 0 without force=true; ctl has decided, so it says so.
     for prefix in [f"/replicas/{i}" for i in replicas] if replicas else [""]:
         answer = client.scale(args.model, args.workers, version=version, timeout=args.timeout,
-                              prefix=prefix, force=args.force)
+                              prefix=prefix, force=args.workers == 0)
         print(f"{prefix.strip('/') or args.model}: {answer.get('status', answer)}")
     if not replicas:
         print(format_state(model_state(client, args.model)))
@@ -217,7 +219,9 @@ def cmd_set_default(args) -> int:
     if ready(target) == 0 and not args.force:
         raise Refused(f"{args.model} {args.version} has no READY worker: as default it would answer 503 "
                       f"(scale it first: ctl scale {args.model} --version {args.version} --workers N, or pass --force)")
-    print(client.set_default(args.model, args.version).get("status"))
+    _, replicas = worker_limit(client, args.model)
+    for prefix in [f"/replicas/{i}" for i in replicas] if replicas else [""]:
+        print(f"{prefix.strip('/') or args.model}: {client.set_default(args.model, args.version, prefix=prefix).get('status')}")
     print(format_state(model_state(client, args.model)))
     return 0
 

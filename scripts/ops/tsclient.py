@@ -222,8 +222,8 @@ class TorchServeClient:
             params["force"] = "true"
         return self.request("management", "PUT", path, params=params, timeout=timeout + 10).json()
 
-    def set_default(self, model: str, version: str) -> dict:
-        return self.request("management", "PUT", f"/models/{model}/{version}/set-default").json()
+    def set_default(self, model: str, version: str, prefix: str = "") -> dict:
+        return self.request("management", "PUT", f"{prefix}/models/{model}/{version}/set-default").json()
 
     def metrics_text(self) -> str:
         return self.request("metrics", "GET", "/metrics").text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scripts.deploy.harness import Server, make_server
+from tests.integration.stack import running_stack
 
 
 def pytest_collection_modifyitems(items):
@@ -24,3 +25,10 @@ def server(tmp_path_factory) -> Server:
 @pytest.fixture(scope="session")
 def client(server):
     return server.client
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory):
+    """The whole stack as `make serve` starts it: the nginx gateway in front of one TorchServe replica."""
+    with running_stack(tmp_path_factory.mktemp("gateway_session")) as stack:
+        yield stack

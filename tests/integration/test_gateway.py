@@ -20,16 +20,14 @@ import pytest
 import requests
 
 from scripts.deploy.harness import REPO
-from tests.integration.stack import running_stack
 
 COAT = REPO / "examples" / "coat.png"
 MODEL = "fashion_cnn"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with running_stack(tmp_path_factory.mktemp("gateway")) as s:
-        yield s
+def stack(gateway):
+    return gateway  # the session's stack (conftest.py): started as `make serve` starts it
 
 
 def predictions(stack) -> str:

@@ -1,4 +1,4 @@
-"""The README's commands, run as written against a real TorchServe (only addresses and key path swapped)."""
+"""The README's commands, run as written against the real stack `make serve` starts (only addresses and key path swapped)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ def readme_block() -> str:
     return re.search(r"```bash\n(.*?)```", text[marker:], re.S).group(1)
 
 
-def test_readme_curl_commands_work_as_documented(server):
+def test_readme_curl_commands_work_as_documented(gateway):
     script = readme_block()
-    ends = server.client.endpoints
     assert "http://127.0.0.1:8080/predictions/fashion_cnn" in script and 'open("key_file.json")' in script
-    for default, actual in (("http://127.0.0.1:8080", ends.inference), ("http://127.0.0.1:8081", ends.management),
-                            ("http://127.0.0.1:8082", ends.metrics), ('open("key_file.json")', f'open("{server.client.key_file}")')):
+    for default, actual in (("http://127.0.0.1:8080", gateway.inference), ("http://127.0.0.1:8081", gateway.management),
+                            ("http://127.0.0.1:8082", gateway.metrics), ('open("key_file.json")', f'open("{gateway.key_file}")')):
         script = script.replace(default, actual)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -33,7 +32,8 @@ def test_readme_curl_commands_work_as_documented(server):
     assert error["code"] == 415 and error["type"] == "UnsupportedMediaType" and "Accepted formats" in error["message"]
 
 
-def test_readme_example_answer_is_what_the_server_returns(client):
+def test_readme_example_answer_is_what_the_server_returns(gateway):
+    client = gateway.client()
     text = (REPO / "README.md").read_text()
     documented = json.loads(re.search(r"An answer:\n\n```json\n(.*?)```", text, re.S).group(1))
     actual = client.predict("fashion_cnn", (REPO / "examples" / "ankle_boot.png").read_bytes()).json()
