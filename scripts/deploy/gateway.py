@@ -197,6 +197,7 @@ def render(settings: GatewaySettings, keys: dict) -> str:
     values = {
         "user_line": user_line,
         "nofile": str(open_files_limit()),
+        "connections": str(max(1024, open_files_limit() - 512)),
         "run": str(settings.run_dir),
         "log_dir": str(settings.log_dir),
         "public_inference": settings.public_inference,
