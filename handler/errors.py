@@ -67,6 +67,12 @@ class InvalidOption(RequestError):
     reason = "invalid_option"
 
 
+class InvalidExplainClass(RequestError):
+    """``X-Explain-Class`` / ``explain_class`` names no class of the model."""
+
+    reason = "invalid_explain_class"
+
+
 class InternalError(RequestError):
     """A bug met while handling one request: answered 500 for that request alone, logged with
     its traceback, so one odd upload cannot fail its batch neighbours."""

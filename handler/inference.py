@@ -136,6 +136,7 @@ class ImageResult:
     ood_score: float | None = None
     ood: bool = False
     ood_parts: dict[str, float] | None = None
+    explanation: dict | None = None  # /explanations: handler.explain's heatmaps for this image
 
 
 def infer(model, slots: list, policy: Policy, device: torch.device | None = None) -> list:

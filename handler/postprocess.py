@@ -89,5 +89,7 @@ def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: 
             if image.ood_parts is not None:
                 body["ood"] = {"method": spec.ood.method, "threshold": spec.ood.threshold,
                                "parts": {name: round(value, 4) for name, value in image.ood_parts.items()}}
+            if image.explanation is not None:
+                body["explanation"] = image.explanation
         answers.append(body)
     return 200, "OK", answers if slot.is_list else answers[0]

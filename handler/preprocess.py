@@ -323,7 +323,7 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
     if headers.get("describe", "").lower() == "true":
         return DESCRIBE
     try:
-        parsed = parse_request(item, headers, spec.num_classes, spec.limits.max_instances)
+        parsed = parse_request(item, headers, spec.class_names, spec.limits.max_instances)
         tensors, signals = [], []
         for i, data in enumerate(parsed.images):
             try:

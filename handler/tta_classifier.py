@@ -2,6 +2,7 @@
 
 - ``handler.request`` / ``handler.preprocess``: request -> image bytes + options -> tensor
 - ``handler.inference``: all TTA views of the whole batch in one forward pass
+- ``handler.explain``: heatmaps for the requests on /explanations only (unfrozen model, backward pass)
 - ``handler.postprocess``: merged probabilities -> JSON answer
 - ``handler.metrics``: prediction-quality and per-stage metrics
 
@@ -18,12 +19,14 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler import golden
 from handler.errors import InternalError
+from handler.explain import Explainer, attach
 from handler.inference import Policy, infer
 from handler.loader import load
 from handler.metrics import QualityMetrics
 from handler.postprocess import render
 from handler.preprocess import prepare
 from handler.request import normalise_headers
+from handler.tta import background_fill
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class TTAClassifierHandler(BaseHandler):
         self.spec, self.reference = loaded.artifact.spec, loaded.artifact.reference
         self.policy = Policy.from_spec(self.spec, loaded.artifact.ood)
         golden.require(loaded.artifact.golden, self.model, self.spec, self.policy, self.device)
+        self.explainer = Explainer.build(loaded.artifact.model, self.spec, background_fill(self.spec).to(self.device))
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
         self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
         self.initialized = True
@@ -46,9 +50,14 @@ class TTAClassifierHandler(BaseHandler):
         t1 = time.perf_counter()
         results = self.inference(slots)
         t2 = time.perf_counter()
-        output = self.postprocess(list(zip(slots, results)))
+        slots, results = self.add_explanations(slots, results)
         t3 = time.perf_counter()
-        self.quality.stages({"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2})
+        output = self.postprocess(list(zip(slots, results)))
+        t4 = time.perf_counter()
+        stages = {"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t4 - t3}
+        if any(getattr(slot, "explain", False) for slot in slots):  # only batches that asked pay and report it
+            stages["explain"] = t3 - t2
+        self.quality.stages(stages)
         return output
 
     def preprocess(self, data):
@@ -64,6 +73,9 @@ class TTAClassifierHandler(BaseHandler):
 
     def inference(self, data, *args, **kwargs):
         return infer(self.model, data, self.policy, self.device)
+
+    def add_explanations(self, slots, results):
+        return attach(self.explainer, slots, results, self.spec.class_names, self.device, self.context.get_request_id)
 
     def postprocess(self, data):
         output, labels, confidences, rejected = [], [], [], []

@@ -321,6 +321,7 @@ def test_explanations_add_the_per_view_breakdown(client, known):
     body = resp.json()
     views = body.pop("views")
     ood = body.pop("ood")
+    assert body.pop("explanation")["method"] == "grad-cam-x-gradient"  # its images: tests/integration/test_serving.py
     assert same_answer(body, known["ankle_boot"])
     assert [v["view"] for v in views] == ["identity", "hflip"] and all(v["label"] == "Ankle boot" for v in views)
     assert ood["method"] == "features" and ood["threshold"] > body["ood_score"] and "mahalanobis_block3" in ood["parts"]

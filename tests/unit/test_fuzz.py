@@ -180,13 +180,13 @@ def test_json_requests_and_options_get_an_answer_or_a_named_4xx(doc, as_bytes, h
     _check(prepare(item, headers, SPEC))
 
 
-_field_names = st.one_of(st.sampled_from(["data", "file", "image", "body", "top_k", "tta"]), st.text(max_size=6))
+_field_names = st.one_of(st.sampled_from(["data", "file", "image", "body", "top_k", "tta", "explain_class"]), st.text(max_size=6))
 _field_values = st.one_of(mutated(), st.binary(max_size=32), _option_text.map(str.encode), st.none())
 
 
 @FUZZ
 @given(item=st.dictionaries(_field_names, _field_values, max_size=4),
-       headers=st.dictionaries(st.sampled_from(["x-top-k", "x-tta", "content-type", "explain", "describe"]),
+       headers=st.dictionaries(st.sampled_from(["x-top-k", "x-tta", "x-explain-class", "content-type", "explain", "describe"]),
                                _option_text, max_size=3))
 def test_multipart_fields_and_headers_get_an_answer_or_a_named_4xx(item, headers):
     result = prepare(item, headers, SPEC)

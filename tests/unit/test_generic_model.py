@@ -109,3 +109,20 @@ def test_describe_reports_the_resnet_contract(resnet_handler):
     assert len(body["classes"]) == 1000
     assert body["input"] == {"size": [224, 224], "channels": 3, "resize": "crop", "mean": list(IMAGENET_MEAN),
                              "std": list(IMAGENET_STD), "background": [0, 0, 0]}
+
+
+def test_an_explanation_of_a_resnet_photo_falls_back_to_input_x_gradient(resnet_handler):
+    import base64
+
+    handler, ctx = resnet_handler
+    jpeg = photo_jpeg()
+    statuses, bodies = run_batch(handler, ctx, [({"body": jpeg}, {"X-TTA": "off"}),
+                                                ({"body": jpeg}, {"X-TTA": "off", "explain": "True", "X-Explain-Class": "class_007"})])
+    assert statuses == [200, 200]
+    exp = bodies[1]["explanation"]
+    assert exp["method"] == "input-x-gradient" and exp["class_index"] == 7 and exp["label"] == "class_007"
+    heat = Image.open(io.BytesIO(base64.b64decode(exp["heatmap_png"])))
+    seen = Image.open(io.BytesIO(base64.b64decode(exp["input_png"])))
+    assert (heat.mode, heat.size) == ("L", (224, 224)) and (seen.mode, seen.size) == ("RGB", (224, 224))
+    assert np.asarray(heat).max() == 255
+    assert "explanation" not in bodies[0]

@@ -74,6 +74,7 @@ def test_describe_and_explain_act_on_their_own_request_only(tiny_handler):
     assert same_answer(bodies[1], plain) and same_answer(bodies[3], plain)
     views = bodies[2].pop("views")
     ood = bodies[2].pop("ood")
+    assert bodies[2].pop("explanation")["method"] == "input-x-gradient"  # TinyCNN has no forward_features
     assert same_answer(bodies[2], plain)
     assert [v["view"] for v in views] == ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
     assert ood["method"] == "energy" and ood["parts"]["energy"] == plain["ood_score"]
