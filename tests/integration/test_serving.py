@@ -87,6 +87,30 @@ def test_concurrent_requests_share_batches_and_a_garbage_one_fails_alone(client)
         assert same_answer(resp.json(), alone[i % len(files)])
 
 
+def test_explanations_return_decodable_heatmap_overlay_and_input_pngs(client):
+    import base64
+
+    import numpy as np
+
+    plain = client.predict("fashion_cnn", EXAMPLE.read_bytes()).json()
+    resp = client.predict("fashion_cnn", EXAMPLE.read_bytes(), explain=True)
+    assert resp.status_code == 200
+    body = resp.json()
+    exp = body.pop("explanation")
+    body.pop("views")
+    body.pop("ood")
+    assert same_answer(body, plain)
+    assert exp["method"] == "grad-cam-x-gradient" and exp["class_index"] == 9 and exp["label"] == "Ankle boot"
+    pngs = {k: Image.open(io.BytesIO(base64.b64decode(exp[k]))) for k in ("heatmap_png", "overlay_png", "input_png")}
+    assert {k: (img.mode, img.size) for k, img in pngs.items()} == {
+        "heatmap_png": ("L", (28, 28)), "overlay_png": ("RGB", (28, 28)), "input_png": ("L", (28, 28))}
+    assert np.asarray(pngs["heatmap_png"]).max() == 255
+    other = client.predict("fashion_cnn", EXAMPLE.read_bytes(), explain=True, headers={"X-Explain-Class": "Sandal"}).json()
+    assert other["explanation"]["class_index"] == 5 and other["explanation"]["heatmap_png"] != exp["heatmap_png"]
+    bad = client.predict("fashion_cnn", EXAMPLE.read_bytes(), explain=True, headers={"X-Explain-Class": "hat"}, check=False)
+    assert bad.status_code == 400 and bad.json()["type"] == "InvalidExplainClass" and '"Sandal"' in bad.json()["message"]
+
+
 def test_scaling_to_three_workers_and_back(client):
     def ready(entry):
         return [w for w in entry["workers"] if w["status"] == "READY"]
