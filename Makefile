@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost bench-gateway lint clean
+.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost bench-gateway doctor lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -61,6 +61,12 @@ bench: $(STAMP) $(MAR)
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
 bench-cost: $(STAMP)
 	$(PY) -m scripts.bench.cost $(BENCH_ARGS)
+
+# Diagnose a TorchScript classifier before serving it: make doctor MODEL=path.pt [SPEC=spec.json] [DATA=dir]
+# (default: the shipped model); one verdict per check, exit 1 if any fails, report + figures in build/doctor/
+doctor: $(STAMP)
+	$(PY) -m scripts.diagnose.doctor --model $(or $(MODEL),models/fashion_cnn.pt) $(if $(SPEC),--spec $(SPEC)) \
+		$(if $(DATA),--data $(DATA)) $(DOCTOR_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check handler scripts tests
