@@ -3,6 +3,7 @@
 # make status  every replica, its workers, and whether a prediction can be served now
 # make stop    stop the gateway and every replica started from this folder
 # make test    the whole suite (unit + integration against a real TorchServe)
+# make image   the serving container image localhost/fashion-cnn-serve:latest, built with podman
 SHELL   := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -28,6 +29,11 @@ stop: $(STAMP)
 
 status: $(STAMP)
 	$(PY) -m scripts.deploy.serve status
+
+# Installs podman + runc and builds a local Debian base (debootstrap) when missing: docs/container.md
+.PHONY: image
+image:
+	bash deploy/container/build-image.sh
 
 # pytest exits 5 when it collected no test: that fails `make test` too, with a message.
 test: $(STAMP)
