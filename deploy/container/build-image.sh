@@ -2,6 +2,7 @@
 # Build the serving image with podman (`make image`): localhost/fashion-cnn-serve:latest.
 #
 #   deploy/container/build-image.sh          # IMAGE=... BASE=... to change the names
+#   PODMAN_BUILD_FLAGS=--no-cache deploy/container/build-image.sh     # extra `podman build` flags
 #
 # 1. installs podman and runc from Debian when missing;
 # 2. uses deploy/container/containers.conf (CONTAINERS_CONF): rootful podman here fails with
@@ -37,6 +38,7 @@ podman --runtime runc build \
     --build-arg BASE="$BASE" \
     "${PIP_ARGS[@]}" \
     --ignorefile deploy/container/containerignore \
+    ${PODMAN_BUILD_FLAGS:-} \
     -f deploy/container/Containerfile \
     -t "$IMAGE" \
     .
