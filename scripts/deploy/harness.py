@@ -38,6 +38,40 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+# An archive name in the model store: no "/", no "%" (Java decodes %2f and %2e%2e in file: URLs
+# when it opens them, so "[^/]+" lets "%2e%2e%2f" walk out of the store), no "..".
+ARCHIVE_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.mar"
+
+
+def allowed_urls_for(model_store: Path) -> str:
+    """TorchServe's ``allowed_urls`` for archives in ``model_store`` only (a Java regex, not yet .properties-escaped).
+
+    TorchServe full-matches each comma-separated pattern against the URL, case-insensitively:
+    ``(?-i)`` turns that off (otherwise ``file:///TMP/X/MODEL_STORE/a.mar`` matches the store
+    ``/tmp/x/model_store``, a different folder on Linux), and ``\\Q...\\E`` quotes the path.
+    """
+    store = str(Path(model_store).resolve())
+    if "," in store or "\\E" in store:
+        raise ValueError(f"model store path {store!r} cannot be written into allowed_urls (',' or '\\E')")
+    return rf"(?-i)file://\Q{store}\E/{ARCHIVE_NAME}"
+
+
+def _properties_value(value: str) -> str:
+    """A value as java.util.Properties reads it back: backslashes doubled."""
+    return value.replace("\\", "\\\\")
+
+
+def absolute_log_config(vmargs: str) -> str:
+    """vmargs with a relative -Dlog4j.configurationFile made absolute (against the repository)."""
+    flag = "-Dlog4j.configurationFile="
+    words = []
+    for word in vmargs.split():
+        if word.startswith(flag) and not Path(word[len(flag):]).is_absolute() and ":" not in word[len(flag):]:
+            word = flag + str(REPO / word[len(flag):])
+        words.append(word)
+    return " ".join(words)
+
+
 def write_config(workdir: Path, model_store: Path, overrides: dict[str, str] | None = None) -> Path:
     """The shipped config.properties with ports, paths (and ``overrides``) rewritten."""
     inf, mgmt, met, grpc_inf, grpc_mgmt = free_ports(5)
@@ -51,9 +85,12 @@ def write_config(workdir: Path, model_store: Path, overrides: dict[str, str] | N
         "grpc_inference_port": str(grpc_inf),
         "grpc_management_port": str(grpc_mgmt),
         "model_store": str(model_store),
+        # file: URLs only for archives in this very store (TorchServe has no switch for POST /workflows:
+        # this, and workflow_store, are what keep it from loading an archive from anywhere else).
+        "allowed_urls": _properties_value(allowed_urls_for(model_store)),
         "metrics_config": str(REPO / "metrics.yaml"),
         # The frontend puts worker sockets (.ts.sock.<port>) in java.io.tmpdir: keep them private.
-        "vmargs": f"{shipped.get('vmargs', '')} -Djava.io.tmpdir={tmp}".strip(),
+        "vmargs": f"{absolute_log_config(shipped.get('vmargs', ''))} -Djava.io.tmpdir={tmp}".strip(),
         **(overrides or {}),
     }
     lines, seen = [], set()
