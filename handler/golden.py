@@ -33,7 +33,7 @@ def answer_bytes(data: bytes, model, spec, policy, device=None) -> dict:
     slot = prepare({"body": data}, {"x-tta": "off", "x-top-k": str(spec.num_classes)}, spec)
     if not isinstance(slot, Prepared):
         raise SpecError(f"a golden input is refused by the preprocessing: {getattr(slot, 'message', slot)}")
-    status, _, body = render(slot, infer(model, [slot], policy, device)[0], spec, policy.names, None)
+    status, _, body, _ = render(slot, infer(model, [slot], policy, device)[0], spec, policy.names, None)
     return body
 
 

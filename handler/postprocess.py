@@ -6,8 +6,9 @@ import dataclasses
 
 import torch
 
+from handler import v2
 from handler.errors import RequestError
-from handler.preprocess import DESCRIBE
+from handler.preprocess import DESCRIBE, V2_METADATA
 from handler.spec import ModelSpec
 
 
@@ -71,16 +72,22 @@ def describe(spec: ModelSpec, version: str | None) -> dict:
     }
 
 
-def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: str | None):
-    """(status, phrase, body) for one request of the batch.
+def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: str | None,
+           model_name: str | None = None):
+    """(status, phrase, body, answers) for one request of the batch.
 
     ``slot`` is the preprocess stage's output for the request and ``result`` the
     inference stage's (a list of ImageResult when the request was prepared).
+    ``answers`` are the per-image answers in the usual shape whatever the protocol
+    (for the quality metrics); empty for errors and descriptions.
     """
+    model = model_name or spec.name
     if isinstance(slot, RequestError):
-        return slot.status, slot.phrase, slot.to_body()
+        return slot.status, slot.phrase, v2.error(slot) if getattr(slot, "v2", False) else slot.to_body(), []
     if slot == DESCRIBE:
-        return 200, "OK", describe(spec, version)
+        return 200, "OK", describe(spec, version), []
+    if slot == V2_METADATA:
+        return 200, "OK", v2.metadata(model, version, spec.class_names, spec.limits.max_instances), []
     answers = []
     for image, options in zip(result, slot.options):
         body = answer(image.probs, spec, options.top_k or spec.top_k, image.n_views, image.ood_score, image.ood)
@@ -92,4 +99,7 @@ def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: 
             if image.explanation is not None:
                 body["explanation"] = image.explanation
         answers.append(body)
-    return 200, "OK", answers if slot.is_list else answers[0]
+    if slot.v2 is not None:
+        body = v2.response(answers, [image.probs.tolist() for image in result], slot.v2, model, version)
+        return 200, "OK", body, answers
+    return 200, "OK", answers if slot.is_list else answers[0], answers

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from handler import v2
 from handler.canonical import Canonical, canonicalise
 from handler.errors import EmptyRequest, ImageTooLarge, InvalidImage, RequestError, UnsupportedMediaType
-from handler.request import Options, parse_request
+from handler.request import Options, header_options, parse_request
 from handler.spec import Limits, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -313,17 +314,25 @@ class Prepared:
     options: list[Options]
     is_list: bool  # {"instances": [...]}: answer with a list
     explain: bool  # /explanations: add the per-view breakdown
+    v2: dict | None = None  # an Open Inference Protocol request: its id and the outputs asked for
 
 
 DESCRIBE = "describe"  # a request carrying the describe header: answered with the model's description
+V2_METADATA = "v2-metadata"  # the same through the v2 protocol (GET /v2/models/<m> at the gateway)
 
 
 def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | RequestError | str:
-    """One request -> Prepared, the RequestError to answer it with, or DESCRIBE. Never raises RequestError."""
+    """One request -> Prepared, the RequestError to answer it with, DESCRIBE or V2_METADATA. Never raises RequestError."""
+    is_v2 = v2.requested(headers)
     if headers.get("describe", "").lower() == "true":
-        return DESCRIBE
+        return V2_METADATA if is_v2 else DESCRIBE
+    meta = None
     try:
-        parsed = parse_request(item, headers, spec.class_names, spec.limits.max_instances)
+        if is_v2:
+            parsed, meta = v2.parse(item, header_options(headers, spec.class_names), spec.class_names,
+                                    spec.limits.max_instances)
+        else:
+            parsed = parse_request(item, headers, spec.class_names, spec.limits.max_instances)
         tensors, signals = [], []
         for i, data in enumerate(parsed.images):
             try:
@@ -333,9 +342,12 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
             except RequestError as exc:
                 if parsed.from_json and isinstance(exc, UnsupportedMediaType):  # the JSON body itself was fine
                     exc = InvalidImage(f'"image" holds valid base64, but {exc.message[0].lower()}{exc.message[1:]}')
-                if parsed.is_list:
+                if is_v2:
+                    exc.message = f"inputs[{v2.INPUT}].data[{i}]: {exc.message}"
+                elif parsed.is_list:
                     exc.message = f"instances[{i}]: {exc.message}"
                 raise exc from None
     except RequestError as exc:
+        exc.v2 = is_v2  # answered in the v2 error shape
         return exc
-    return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true")
+    return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true", meta)

@@ -1,6 +1,7 @@
 """TorchServe entry point: a thin BaseHandler; each stage lives in its own module.
 
 - ``handler.request`` / ``handler.preprocess``: request -> image bytes + options -> tensor
+  (``handler.v2``: the same for Open Inference Protocol requests, and their answers)
 - ``handler.inference``: all TTA views of the whole batch in one forward pass
 - ``handler.explain``: heatmaps for the requests on /explanations only (unfrozen model, backward pass)
 - ``handler.postprocess``: merged probabilities -> JSON answer
@@ -40,6 +41,7 @@ class TTAClassifierHandler(BaseHandler):
         golden.require(loaded.artifact.golden, self.model, self.spec, self.policy, self.device)
         self.explainer = Explainer.build(loaded.artifact.model, self.spec, background_fill(self.spec).to(self.device))
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
+        self.model_name = context.model_name
         self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
         self.initialized = True
 
@@ -81,20 +83,20 @@ class TTAClassifierHandler(BaseHandler):
         output, labels, confidences, rejected = [], [], [], []
         uncertain = disagree = ood = 0
         for idx, (slot, result) in enumerate(data):
-            status, phrase, body = render(slot, result, self.spec, self.policy.names, self.version)
+            status, phrase, body, answers = render(slot, result, self.spec, self.policy.names, self.version,
+                                                   self.model_name)
             self.context.set_response_status(status, phrase, idx)
             self.context.set_response_content_type(idx, "application/json")
             self.context.set_response_header(idx, "X-Model-Version", self.version)
             output.append(json.dumps(body))
             if status != 200:
                 rejected.append(slot.reason)
-            elif isinstance(result, list):
-                for image, item in zip(result, body if isinstance(body, list) else [body]):
-                    labels.append(item["label"])
-                    confidences.append(item["confidence"])
-                    uncertain += item["uncertain"]
-                    ood += item["out_of_distribution"]
-                    disagree += image.disagree
+            for image, item in zip(result if answers else [], answers):
+                labels.append(item["label"])
+                confidences.append(item["confidence"])
+                uncertain += item["uncertain"]
+                ood += item["out_of_distribution"]
+                disagree += image.disagree
         self.quality.predictions(labels, confidences, uncertain, disagree, ood)
         self.quality.rejected(rejected)
         return output

@@ -288,6 +288,9 @@ class Stack:
                 if self.path == "/ready":
                     code, body = stack.readiness()
                     payload, ctype = json.dumps(body).encode(), "application/json"
+                elif self.path == "/v2/ready":  # the Open Inference Protocol's shape of the same answer
+                    code, _ = stack.readiness()
+                    payload, ctype = json.dumps({"ready": code == 200}).encode(), "application/json"
                 elif self.path == "/metrics":
                     code, payload, ctype = 200, stack.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
                 else:

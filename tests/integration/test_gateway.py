@@ -278,3 +278,46 @@ def test_zero_workers_is_an_outage_readiness_and_status_say_so(stack):
     assert resp.status_code == 200
     wait_for(lambda: stack.ping().status_code == 200, 30, "readiness back after scaling up")
     assert stack.serve("status", timeout=60).returncode == 0
+
+
+# --- Open Inference Protocol v2, parsed by the handler so batching keeps working -------------------------
+def test_v2_health_and_metadata(stack):
+    assert requests.get(f"{stack.inference}/v2/health/live", timeout=30).json() == {"live": True}
+    assert requests.get(f"{stack.inference}/v2/health/ready", timeout=30).json() == {"ready": True}
+    assert requests.get(f"{stack.inference}/v2/models/{MODEL}/ready", timeout=30).status_code == 200
+    assert requests.get(f"{stack.inference}/v2/models/{MODEL}", timeout=30).status_code == 401
+    meta = requests.get(f"{stack.inference}/v2/models/{MODEL}", headers=auth(stack), timeout=30).json()
+    assert meta["name"] == MODEL and meta["versions"] == ["1.0"] and meta["inputs"][0]["datatype"] == "BYTES"
+    versioned = requests.get(f"{stack.inference}/v2/models/{MODEL}/versions/1.0", headers=auth(stack), timeout=30)
+    assert versioned.json() == meta
+
+
+def test_sixteen_concurrent_v2_requests_some_invalid_are_each_answered_alone(stack):
+    """With batching on, each v2 request gets its own answer, the same as /predictions gives its image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    examples = sorted((REPO / "examples").glob("*.png"))
+    usual = {p.name: requests.post(predictions(stack), data=p.read_bytes(), headers={**auth(stack), "X-Top-K": "10"},
+                                   timeout=60).json() for p in examples}
+
+    def v2_call(i: int):
+        path = examples[i % len(examples)]
+        data = base64.b64encode(path.read_bytes()).decode() if i % 4 != 3 else "!!not base64!!"
+        doc = {"id": f"req-{i}", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [data]}]}
+        resp = requests.post(f"{stack.inference}/v2/models/{MODEL}/infer", json=doc, headers=auth(stack), timeout=60)
+        return i, path.name, resp.status_code, resp.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(v2_call, range(16)))
+    for i, name, status, body in results:
+        if i % 4 == 3:
+            assert status == 400 and "not valid base64" in body["error"], body
+            continue
+        assert status == 200 and body["id"] == f"req-{i}", body
+        out = {o["name"]: o["data"] for o in body["outputs"]}
+        expected = usual[name]
+        assert out["label"] == [expected["label"]] and out["confidence"] == [expected["confidence"]]
+        assert out["ood_score"] == [expected["ood_score"]]
+        assert sorted(out["probabilities"], reverse=True) == pytest.approx([t["probability"] for t in expected["top_k"]], abs=1e-6)
+    batched = [e for e in stack.access_log() if e["uri"].startswith("/v2/") and e["status"] == 200]
+    assert batched, "no v2 request in the access log"
