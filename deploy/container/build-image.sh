@@ -7,7 +7,8 @@
 # 1. installs podman and runc from Debian when missing;
 # 2. uses deploy/container/containers.conf (CONTAINERS_CONF): rootful podman here fails with
 #    crun, and with runc unless default_ulimits is empty;
-# 3. builds the Debian base image with debootstrap when it is missing (build-base.sh);
+# 3. builds the Debian base image with debootstrap when it is missing (build-base.sh; only
+#    for a localhost/ BASE: another BASE is pulled from its registry);
 # 4. hands this host's pip configuration to the build (pip_config.py: pip.conf and the files
 #    and local indexes it names, mounted read-only) and builds with the host's network.
 set -euo pipefail
@@ -23,7 +24,10 @@ if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; the
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq podman runc
 fi
 
-bash deploy/container/build-base.sh "$BASE"
+# A local base (localhost/...) is built here when missing; any other name is pulled by podman build.
+case "$BASE" in
+    localhost/*) bash deploy/container/build-base.sh "$BASE" ;;
+esac
 
 # The Python whose pip configuration is this host's (pip config list), falling back to the .venv's.
 PYTHON=${PYTHON:-python3}

@@ -135,7 +135,9 @@ def coldstart(runs: int, image: str = IMAGE, replicas: int = 1) -> list[float]:
             seconds = container.wait_first_200()
         finally:
             container.remove()
-        print(f"run {i + 1}: {seconds:.1f} s from podman run to the first 200 through the gateway", flush=True)
+        load = os.getloadavg()[0]
+        print(f"run {i + 1}: {seconds:.1f} s from podman run to the first 200 through the gateway "
+              f"(host load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
         times.append(seconds)
     return times
 
