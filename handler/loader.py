@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from handler.cores import cpu_count
 from handler.errors import SpecError
 from handler.inference import check_model
 from handler.ood import OOD_FILENAME
@@ -35,13 +35,6 @@ logger = logging.getLogger(__name__)
 
 # handler: keys in model-config.yaml that configure the worker rather than the spec.
 WORKER_KEYS = ("threads", "optimize")
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_threads(setting: Any, workers: int) -> int:

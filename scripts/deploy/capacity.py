@@ -7,8 +7,9 @@ took a 24 GiB machine down. The cap is derived, not guessed:
     core cap   = WORKERS_PER_CORE x cores / replicas
     cap        = max(1, min(memory cap, core cap))      (workers per replica)
 
-``worker`` and ``frontend`` are resident sizes measured on the running replicas
-(the largest worker seen); ``usable memory`` is USABLE_SHARE of the machine's memory,
+``worker`` is the largest worker's resident size measured on the running replicas;
+``frontend`` the larger of a frontend's resident size and the bound its vmargs set
+(heap + direct memory + JVM overhead: it grows that far under large uploads); ``usable memory`` is USABLE_SHARE of the machine's memory,
 or of the container's cgroup limit when it is lower. Past WORKERS_PER_CORE workers a
 core, extra workers only add memory and context switches (each runs at least one
 intra-op thread).
@@ -18,16 +19,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
+from handler.cores import cpu_count
+
 USABLE_SHARE = 0.75  # of the machine's memory; the rest is for the OS, page cache and bursts
 GATEWAY_RESERVE_MB = 256.0
 WORKERS_PER_CORE = 4
-WORKER_MARKER = "model_service_worker"  # in a TorchServe Python worker's command line
+WORKER_MARKER = "model_service_worker"
+JVM_OVERHEAD_MB = 256.0  # metaspace, code cache, thread stacks, GC structures beyond heap and direct memory  # in a TorchServe Python worker's command line
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,32 @@ def machine_memory_mb() -> float:
 
 
 def machine_cores() -> int:
+    """Cores the service may use: affinity, capped by a cgroup CPU quota (the handler's own rule)."""
+    return cpu_count()
+
+
+_SIZE = re.compile(r"^(\d+)([kmgt]?)$", re.IGNORECASE)
+
+
+def _mib(text: str) -> float:
+    number, unit = _SIZE.match(text).groups()
+    return int(number) * {"": 2**-20, "k": 2**-10, "m": 1, "g": 2**10, "t": 2**20}[unit.lower()]
+
+
+def frontend_bound_mb(vmargs: str) -> float | None:
+    """The most a TorchServe frontend may take: heap + direct memory + JVM_OVERHEAD_MB, from its vmargs.
+
+    The frontend is small at rest (about 190 MB here) and grows with concurrent large bodies up to
+    about heap + direct memory (docs/hardening-torchserve.md measured 1.7 GB with -Xmx1g and 512m).
+    """
+    heap = re.search(r"-Xmx(\S+)", vmargs)
+    direct = re.search(r"-XX:MaxDirectMemorySize=(\S+)", vmargs)
+    if not heap:
+        return None
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        return _mib(heap.group(1)) + (_mib(direct.group(1)) if direct else _mib(heap.group(1))) + JVM_OVERHEAD_MB
+    except (AttributeError, KeyError):
+        return None
 
 
 def workers_of(frontend_pid: int) -> list[psutil.Process]:
@@ -118,13 +144,17 @@ def rss_mb(proc: psutil.Process) -> float:
         return 0.0
 
 
-def measure(frontend_pids: list[int]) -> Capacity:
-    """Capacity from the running replicas' frontends and workers (their current resident sizes)."""
+def measure(frontend_pids: list[int], vmargs: str = "") -> Capacity:
+    """Capacity from the running replicas: workers' resident size now; frontends' bound from ``vmargs``.
+
+    A frontend is counted at the larger of its size now and what its vmargs let it grow to.
+    """
     workers = [rss_mb(w) for pid in frontend_pids for w in workers_of(pid)]
     frontends = [rss_mb(psutil.Process(pid)) for pid in frontend_pids if psutil.pid_exists(pid)]
     if not workers or not frontends:
         raise RuntimeError(f"no running worker to measure under frontends {frontend_pids}")
-    return Capacity(worker_mb=round(max(workers), 1), frontend_mb=round(max(frontends), 1),
+    frontend = max(max(frontends), frontend_bound_mb(vmargs) or 0.0)
+    return Capacity(worker_mb=round(max(workers), 1), frontend_mb=round(frontend, 1),
                     memory_mb=round(machine_memory_mb(), 1), cores=machine_cores(), replicas=len(frontend_pids))
 
 

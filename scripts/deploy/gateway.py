@@ -26,6 +26,7 @@ from scripts.deploy.capacity import Capacity
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "gateway" / "nginx.conf.template"
 KEY_BYTES = 32  # 256 random bits a credential (the issue asks for at least 128)
+VALID_KEY = re.compile(r"[A-Za-z0-9_-]{22,}")  # 22 base64url characters = 132 bits; also safe inside nginx's config
 
 # Errors nginx itself produces, as JSON with a message that says what to do.
 ERRORS = {
@@ -74,6 +75,7 @@ class GatewaySettings:
     retry_window_s: int = 60
     auth_failure_rate: str = "30r/m"
     auth_failure_burst: int = 20
+    access_log: str = "file"  # "file": <log_dir>/gateway_access.log (rotated by the supervisor); "stdout": a container's log
     replicas: list[ReplicaRoute] = field(default_factory=list)
 
 
@@ -89,12 +91,17 @@ def service_keys(key_file: Path) -> dict:
     when TorchServe wrote it. Keys made here do not expire and survive restarts; delete the
     file (or run ``make rotate-keys``) to replace them.
     """
-    try:
-        keys = json.loads(key_file.read_text())
-        if all(len(keys[kind]["key"]) >= 22 for kind in ("inference", "management")):  # >= 128 bits
-            return keys
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if key_file.exists():
+        try:
+            keys = json.loads(key_file.read_text())
+            if all(VALID_KEY.fullmatch(keys[kind]["key"]) for kind in ("inference", "management")):
+                return keys
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not os.access(key_file, os.W_OK):  # a mounted Secret, say: not ours to replace
+            raise ValueError(f"{key_file} holds no valid service keys: it needs inference.key and management.key, "
+                             "each 22 or more characters of [A-Za-z0-9_-] (128+ bits). Generate them with "
+                             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'.")
     keys = {kind: {"key": new_key(), "expiration time": "never (gateway credential)"}
             for kind in ("management", "inference")}
     write_private(key_file, json.dumps(keys, indent=2) + "\n")
@@ -199,7 +206,8 @@ def render(settings: GatewaySettings, keys: dict) -> str:
         "nofile": str(open_files_limit()),
         "connections": str(max(1024, open_files_limit() - 512)),
         "run": str(settings.run_dir),
-        "log_dir": str(settings.log_dir),
+        "access_log": ("/dev/stdout" if settings.access_log == "stdout"
+                       else str(settings.log_dir / "gateway_access.log")),
         "public_inference": settings.public_inference,
         "public_management": settings.public_management,
         "public_metrics": settings.public_metrics,
@@ -282,6 +290,11 @@ class Gateway:
         pid = self.pid()
         if pid:
             os.kill(pid, signal.SIGHUP)
+
+    def reopen_logs(self) -> None:
+        pid = self.pid()
+        if pid:
+            os.kill(pid, signal.SIGUSR1)
 
     def stop(self, timeout: float = 10.0) -> None:
         pid = self.pid()

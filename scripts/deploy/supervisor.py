@@ -34,12 +34,14 @@ from scripts.deploy import capacity as capacity_mod
 from scripts.deploy.gateway import Gateway, GatewaySettings, service_keys, write_private
 from scripts.deploy.harness import EXAMPLE
 from scripts.deploy.replicas import Replica
-from scripts.ops.tsclient import TorchServeClient
+from scripts.ops.tsclient import TorchServeClient, read_properties
 
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_S = 5.0
 FAILURES_BEFORE_UNREADY = 2
 STALE_AFTER_S = 15.0  # a probe older than this does not count as ready
+ACCESS_LOG_MAX_BYTES = 50 * 2**20  # ~330 B a request: ~160,000 requests a file
+ACCESS_LOG_KEEP = 3  # rotated files kept: the access log takes at most (1 + 3) x 50 MiB
 
 log = logging.getLogger("supervisor")
 
@@ -57,6 +59,7 @@ class StackOptions:
     public_metrics: str = "127.0.0.1:8082"
     max_body: int = 10 * 2**20
     large_bodies: int = 4
+    access_log: str = "file"  # or "stdout"
     ready_timeout_s: float = 240.0
     replica_overrides: dict[str, str] = field(default_factory=dict)
 
@@ -97,17 +100,19 @@ class Stack:
     def start(self) -> None:
         opts = self.opts
         opts.run_dir.mkdir(parents=True, exist_ok=True)
-        opts.run_dir.chmod(0o700)
+        if opts.run_dir.stat().st_uid == os.getuid():  # not a mount point owned by someone else (an emptyDir)
+            opts.run_dir.chmod(0o700)
         setup_logging(opts.log_dir)
+        self.keys = service_keys(opts.key_file)  # a bad key file fails here, before anything starts
         log.info("starting %d replica(s) of %s", len(self.replicas), opts.model)
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(lambda r: r.launch(), self.replicas))
             list(pool.map(lambda r: r.wait_ready(opts.model, opts.ready_timeout_s), self.replicas))
         for r in self.replicas:
             self.health[r.index] = Health(ready=True, checked_at=time.monotonic(), detail="answered at start")
-        self.capacity = capacity_mod.measure([r.pid() for r in self.replicas])
+        vmargs = read_properties(self.replicas[0].server.config).get("vmargs", "")
+        self.capacity = capacity_mod.measure([r.pid() for r in self.replicas], vmargs)
         log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
-        self.keys = service_keys(opts.key_file)
         self.start_status_server()
         self.gateway = Gateway(self.settings())
         self.gateway.write(self.keys)
@@ -145,7 +150,7 @@ class Stack:
         o = self.opts
         return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
                                public_management=o.public_management, public_metrics=o.public_metrics,
-                               max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies,
+                               max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, access_log=o.access_log,
                                replicas=routes)
 
     def rerender(self, why: str) -> None:
@@ -190,7 +195,24 @@ class Stack:
                     log.exception("gateway restart failed; trying again")
             if time.monotonic() >= next_probe:
                 self.probe_all()
+                self.rotate_access_log()
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
+
+    def rotate_access_log(self) -> None:
+        """logs/gateway_access.log: past ACCESS_LOG_MAX_BYTES, shift .1 .. .N and have nginx reopen it."""
+        path = self.opts.log_dir / "gateway_access.log"
+        try:
+            if self.gateway is None or path.stat().st_size < ACCESS_LOG_MAX_BYTES:
+                return
+        except OSError:
+            return
+        for i in range(ACCESS_LOG_KEEP - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{i + 1}"))
+        path.replace(path.with_name(f"{path.name}.1"))
+        self.gateway.reopen_logs()
+        log.info("rotated %s (kept %d)", path, ACCESS_LOG_KEEP)
 
     def restart(self, replica: Replica) -> None:
         h = self.health[replica.index]
