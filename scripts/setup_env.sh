@@ -20,6 +20,14 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nginx-light
 fi
 
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    echo "prometheus/promtool not found: installing Debian's prometheus (deploy/monitoring tests: docs/operations.md#alerts)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    # --no-install-recommends: no node exporter; Debian's policy-rc.d in containers keeps the service from starting
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV"
     "$PYTHON" -m venv "$VENV"
