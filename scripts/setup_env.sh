@@ -26,6 +26,10 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     $SUDO apt-get update -qq
     # --no-install-recommends: no node exporter; Debian's policy-rc.d in containers keeps the service from starting
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus
+    # on a host with systemd the package starts a server on :9090: stop the one this install started
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        $SUDO systemctl disable --now prometheus
+    fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
