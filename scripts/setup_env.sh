@@ -32,17 +32,25 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     fi
 fi
 
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "chromium/chromedriver not found: installing Debian's chromium + chromium-driver (the demo's browser test: tests/integration/test_demo.py)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
 mkdir -p build
-# Dependencies live in one place: pyproject.toml ([project] + the dev extra).
+# Dependencies live in one place: pyproject.toml ([project] + the dev and demo extras).
 "$VENV/bin/python" - > build/requirements.txt <<'PY'
 import tomllib
 with open("pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+extras = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + extras["dev"] + extras["demo"]))
 PY
 echo "installing the pinned stack into $VENV (torch, torchvision, torchserve, ...)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r build/requirements.txt
