@@ -2,6 +2,7 @@
 #              TorchServe, wait until a prediction answers; make serve REPLICAS=N for N replicas
 # make status  every replica, its workers, and whether a prediction can be served now
 # make stop    stop the gateway and every replica started from this folder
+# make demo    the browser demo on http://127.0.0.1:7860 (Gradio) in front of the running service
 # make test    the whole suite (unit + integration against a real TorchServe)
 # make image   the serving container image localhost/fashion-cnn-serve:latest, built with podman
 SHELL   := /bin/bash
@@ -11,7 +12,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status test unit integration train mar rollout eval-real bench bench-cost bench-gateway doctor lint clean
+.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway doctor lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -29,6 +30,11 @@ stop: $(STAMP)
 
 status: $(STAMP)
 	$(PY) -m scripts.deploy.serve status
+
+# The browser demo on http://127.0.0.1:7860 in front of the running service (make serve first):
+# DEMO_ARGS="--port 7861 --url http://127.0.0.1:8080 --key-file key_file.json"
+demo: $(STAMP)
+	$(PY) -m scripts.demo $(DEMO_ARGS)
 
 # Installs podman + runc and builds a local Debian base (debootstrap) when missing: docs/container.md
 .PHONY: image
