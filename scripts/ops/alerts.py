@@ -416,7 +416,7 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               f"{model_v}: the mean top-1 confidence of the last {w} fell below {num(d.mean_conf_min)} "
               f"(held-out: {num(d.mean_conf)}).",
               f"mean of `TopConfidence` over the window < the bound, {n_src}",
-              f"reference mean {num(d.mean_conf)} minus z = {num(policy.z)} standard errors of a mean of {n_min} "
+              f"{num(d.mean_conf_min)} = reference mean {num(d.mean_conf)} minus z = {num(policy.z)} standard errors of a mean of {n_min} "
               "(the reference confidences' spread)",
               "inputs the model finds hard: look at `ctl drift` (confidence part) and recent inputs; "
               "an upstream change (resize, colour, crop) is the usual cause", ("ModelName", "ModelVersion")),
@@ -424,7 +424,7 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               f"{model_v}: more than {num(100 * d.uncertain_max)}% of the last {w}'s answers are marked uncertain "
               f"(held-out: {num(100 * d.uncertain_ref)}%).",
               f"`UncertainPredictions` / predictions over the window > the bound, {n_src}",
-              f"reference `uncertain_rate` {num(d.uncertain_ref)} + z = {num(policy.z)} binomial standard errors at "
+              f"{num(d.uncertain_max)} = reference `uncertain_rate` {num(d.uncertain_ref)} + z = {num(policy.z)} binomial standard errors at "
               f"n = {n_min}",
               "same as MeanConfidenceLow; clients should treat uncertain answers as such", ("ModelName", "ModelVersion")),
     ]
@@ -434,7 +434,7 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
             f"{model_v}: more than {num(100 * d.ood_max)}% of the last {w}'s inputs look unlike the training "
             f"images (held-out: {num(100 * d.ood_ref)}%).",
             f"`OutOfDistributionPredictions` / predictions over the window > the bound, {n_src}",
-            f"reference `ood_rate` {num(d.ood_ref)} + z = {num(policy.z)} binomial standard errors at n = {n_min}",
+            f"{num(d.ood_max)} = reference `ood_rate` {num(d.ood_ref)} + z = {num(policy.z)} binomial standard errors at n = {n_min}",
             "users send things the model was not trained on (non-garments, photos, a new product line): look at "
             "recent inputs; answers flagged out_of_distribution should not be trusted", ("ModelName", "ModelVersion")))
     alerts += [
@@ -457,7 +457,7 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               f"{model_v}: p99 of the {{{{ $labels.Stage }}}} stage over the last {ow} is above "
               f"{num(d.p99_budget_s)} s per batch.",
               f"p99 of `StageLatency` (per handled batch) over {ow} > budget",
-              f"Policy.latency_fraction {num(policy.latency_fraction)} x responseTimeout "
+              f"{num(d.p99_budget_s)} s = Policy.latency_fraction {num(policy.latency_fraction)} x responseTimeout "
               f"{num(src.response_timeout_s)} s (model-config.yaml: TorchServe kills a worker past it)",
               "overload or huge uploads: `make status` (queue), CPU of the host; scale (`ctl scale`, replicas) "
               "or lower batchSize", ("ModelName", "ModelVersion", "Stage")),
