@@ -173,7 +173,7 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
                 tta_many = gr.Checkbox(value=True, label="Test-time augmentation", elem_id="demo-tta-many")
                 run_many = gr.Button("Classify all", variant="primary", elem_id="demo-classify-all")
                 summary = gr.HTML(elem_id="demo-gallery-summary-box")
-                gallery = gr.Gallery(label="Answers (caption: label, confidence, flag)", columns=8, height="auto", elem_id="demo-gallery",
+                gallery = gr.Gallery(label="Answers: label, confidence (OOD = not like any garment the model knows)", columns=5, height=520, elem_id="demo-gallery",
                                      object_fit="contain")
                 table = gr.Dataframe(headers=["file", "label", "confidence", "uncertain", "out of distribution", "error"],
                                      elem_id="demo-table", interactive=False, wrap=True)

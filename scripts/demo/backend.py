@@ -264,5 +264,5 @@ def caption(outcome: Outcome) -> str:
     if not outcome.ok:
         return f"error: {outcome.error}"
     answer = outcome.answer
-    flag = " · not a garment?" if answer.get("out_of_distribution") else " · uncertain" if answer.get("uncertain") else ""
+    flag = " · OOD" if answer.get("out_of_distribution") else " · uncertain" if answer.get("uncertain") else ""
     return f"{answer['label']} {100 * float(answer['confidence']):.0f} %{flag}"

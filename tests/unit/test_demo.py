@@ -147,5 +147,5 @@ def test_gallery_captions_are_short():
     from scripts.demo.backend import Outcome
 
     assert caption(Outcome(answer=answer())) == "Coat 97 %"
-    assert caption(Outcome(answer=answer(confidence=0.5, uncertain=True, ood=True))) == "Coat 50 % · not a garment?"
+    assert caption(Outcome(answer=answer(confidence=0.5, uncertain=True, ood=True))) == "Coat 50 % · OOD"
     assert caption(Outcome(error="The server failed")).startswith("error: ")
