@@ -50,6 +50,8 @@ class Load:
             try:
                 resp = session.post(self.url, data=body, headers=self.headers, timeout=90)
                 outcome = resp.status_code if resp.status_code != 200 or resp.json()["label"] == "Coat" else "wrong label"
+                if resp.status_code != 200:
+                    outcome = f"{resp.status_code} {resp.text[:120]}"  # what TorchServe or the gateway said
             except Exception as exc:  # a lost request
                 outcome = type(exc).__name__
             with self.lock:
