@@ -12,7 +12,8 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
   own ``/ping`` says; replicas that are not ready are taken out of the gateway's rotation
   while another one is ready;
 - serves, on a Unix socket only nginx reaches, ``/ready`` and ``/metrics``: every replica's
-  TorchServe metrics with a ``replica`` label, plus its own.
+  TorchServe metrics with a ``replica`` label, plus its own (restarts, readiness, the worker
+  cap, and ``gateway_http_responses_total`` by API and status, counted from the access log).
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class Stack:
         self.status_server: socketserver.BaseServer | None = None
         self.stopping = threading.Event()
         self._probe_clients: dict[int, TorchServeClient] = {}
+        self.responses: dict[tuple[str, str], int] = {}  # (api, status) -> answers the gateway gave clients
+        self._log_position: tuple[int, int] | None = None  # (inode, offset) read so far in the access log
+        self._apis: dict[str, str] = {}
 
     # --- start / stop -------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +118,8 @@ class Stack:
         self.capacity = capacity_mod.measure([r.pid() for r in self.replicas], vmargs)
         log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
         self.start_status_server()
+        self._apis = {addr.rsplit(":", 1)[1]: api for api, addr in (
+            ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics))}
         self.gateway = Gateway(self.settings())
         self.gateway.write(self.keys)
         self.publish()  # GET /replicas must answer from the first request on
@@ -195,8 +201,34 @@ class Stack:
                     log.exception("gateway restart failed; trying again")
             if time.monotonic() >= next_probe:
                 self.probe_all()
+                self.count_responses()
                 self.rotate_access_log()
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
+
+    def count_responses(self) -> None:
+        """Add the access log's new lines to ``gateway_http_responses_total`` (what clients were answered)."""
+        path = self.opts.log_dir / "gateway_access.log"
+        try:
+            inode = path.stat().st_ino
+        except OSError:
+            return
+        if self._log_position is None:  # the stack just started: earlier runs' lines are not ours to count
+            self._log_position = (inode, path.stat().st_size)
+        last_inode, offset = self._log_position
+        if inode != last_inode:  # rotated since the last read: the new file is read from its start
+            offset = 0
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # only complete lines; the rest is read next time
+        for line in data[:end].splitlines():
+            try:
+                entry = json.loads(line)
+                key = (self._apis.get(str(entry["server"]), "other"), str(entry["status"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            self.responses[key] = self.responses.get(key, 0) + 1
+        self._log_position = (inode, offset + end)
 
     def rotate_access_log(self) -> None:
         """logs/gateway_access.log: past ACCESS_LOG_MAX_BYTES, shift .1 .. .N and have nginx reopen it."""
@@ -206,6 +238,7 @@ class Stack:
                 return
         except OSError:
             return
+        self.count_responses()  # the lines up to the rotation are counted from this file
         for i in range(ACCESS_LOG_KEEP - 1, 0, -1):
             older = path.with_name(f"{path.name}.{i}")
             if older.exists():
@@ -295,6 +328,11 @@ class Stack:
         own += [f'gateway_replica_ready{{replica="{i}"}} {int(h.is_ready(now))}' for i, h in self.health.items()]
         own += ["# HELP gateway_restarts_total nginx restarts by the supervisor.", "# TYPE gateway_restarts_total counter",
                 f"gateway_restarts_total {self.gateway_restarts}"]
+        if self.responses:
+            own += ["# HELP gateway_http_responses_total Answers the gateway gave clients (after its retries), "
+                    "from its access log.", "# TYPE gateway_http_responses_total counter"]
+            own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
+                    for (api, code), n in sorted(self.responses.items())]
         if self.capacity is not None:
             own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/deploy/capacity.py).",
                     "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]

@@ -293,6 +293,8 @@ PSI_MAX = "model_version:drift:psi_max"
 REQUESTS = "job:requests:increase"
 ERRORS = "job:requests_5xx:increase"
 ERROR_RATIO = "job:requests_5xx:ratio"
+GATEWAY_ERRORS = "job:gateway_5xx:increase"
+GATEWAY_ERROR_RATIO = "job:gateway_5xx:ratio"
 REJECTED = "model_reason:rejected_requests:increase"
 REJECTED_RATIO = "model_reason:rejected_requests:ratio"
 STAGE_P50 = "model_version_stage:latency_seconds:p50"
@@ -374,6 +376,9 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
         Record(REQUESTS, " + ".join(f"(sum(increase(Requests{c}XX[{ow}])) or vector(0))" for c in "245")),
         Record(ERRORS, f"sum(increase(Requests5XX[{ow}])) or 0 * {REQUESTS}"),
         Record(ERROR_RATIO, f"{ERRORS} / {REQUESTS}"),
+        Record(GATEWAY_ERRORS, f'sum(increase(gateway_http_responses_total{{api="inference",code=~"5.."}}[{ow}]))'
+                               f' or 0 * sum(increase(gateway_http_responses_total{{api="inference"}}[{ow}]))'),
+        Record(GATEWAY_ERROR_RATIO, f'{GATEWAY_ERRORS} / sum(increase(gateway_http_responses_total{{api="inference"}}[{ow}]))'),
         Record(REJECTED, f"sum by (ModelName, Reason) (increase(RejectedRequests{{{sel}}}[{ow}]))"),
         Record(REJECTED_RATIO, f"{REJECTED} / on() group_left {REQUESTS}"),
         Record(STAGE_P50, f"histogram_quantile(0.5, sum by ({MV}, Stage, le) (rate(StageLatency_bucket{{{sel}}}[{ow}])))"),
@@ -445,6 +450,16 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               f"Policy.error_ratio = {num(policy.error_ratio)}, Policy.min_errors = {policy.min_errors}",
               "`make status`, then logs/ (model_log.log of the replica): a handler bug, a worker dying "
               "(WorkerRestarting) or timeouts (StageLatencyP99OverBudget)"),
+        Alert("GatewayErrorBurst", f"{GATEWAY_ERROR_RATIO} >= {num(policy.error_ratio)} and {GATEWAY_ERRORS} >= "
+              f"{policy.min_errors}", fo, "critical",
+              f"Clients got 5xx from the gateway, after its retries, for {num(100 * policy.error_ratio)}% or more of "
+              f"the inference requests of the last {ow}.",
+              f"`gateway_http_responses_total` 5xx / all inference answers over {ow} >= ratio and >= "
+              f"{policy.min_errors} errors",
+              f"Policy.error_ratio = {num(policy.error_ratio)}, Policy.min_errors = {policy.min_errors}",
+              "what clients see: 502/504 when every try failed (all replicas down or frozen: ReplicaNotReady), 503 "
+              "with Retry-After when large uploads pile up; `make status`, logs/gateway_access.log (upstream, "
+              "upstream_status, retries), logs/supervisor.log"),
         Alert("RejectionBurst", f"{REJECTED_RATIO} >= {num(policy.rejection_ratio)} and {REJECTED} >= "
               f"{policy.min_rejections}", fo, "warning",
               f"{{{{ $labels.ModelName }}}}: {num(100 * policy.rejection_ratio)}% or more of the requests of the last "
@@ -511,8 +526,8 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
         Panel("Predictions per second", [(PRED_RATE, "{{ModelVersion}}")], "ops", [],
               f"alerts on the model need >= {n_min} predictions per {w}"),
         Panel("TTA views disagreeing", [(DISAGREE, "{{ModelVersion}}")], "percentunit", [], "no alert"),
-        Panel("5xx share of requests", [(ERROR_RATIO, "5xx")], "percentunit", [policy.error_ratio], "",
-              ("ServerErrorBurst",)),
+        Panel("5xx share of requests", [(ERROR_RATIO, "TorchServe 5xx"), (GATEWAY_ERROR_RATIO, "clients' 5xx (gateway)")],
+              "percentunit", [policy.error_ratio], "", ("ServerErrorBurst", "GatewayErrorBurst")),
         Panel("Rejected requests by reason (share)", [(REJECTED_RATIO, "{{Reason}}")], "percentunit",
               [policy.rejection_ratio], "", ("RejectionBurst",)),
         Panel("Stage latency per batch: p50, p99", [(STAGE_P50, "p50 {{Stage}}"), (STAGE_P99, "p99 {{Stage}}")], "s",
@@ -709,6 +724,7 @@ def stream_series(mon: Monitoring, stream: Stream, minutes: int, version: str = 
 
 
 def service_series(mon: Monitoring, minutes: int, *, ok: float = 100.0, errors: float = 0.0, rejected: float = 0.0,
+                   gateway_errors: float = 0.0,
                    slow: bool = False, ready: tuple[int, ...] = (1,), replica_restart: bool = False,
                    worker_restart: bool = False, gateway_restart: bool = False, up: int = 1) -> list[dict]:
     m, target = mon.source.model, mon.source.target
@@ -722,7 +738,10 @@ def service_series(mon: Monitoring, minutes: int, *, ok: float = 100.0, errors: 
                          f'Hostname="vm",{own}}}', "values": f"0+{num(rejected)}x{minutes}"},
               {"series": f"gateway_restarts_total{{{own}}}",
                "values": f"0x{half} 1x{minutes - half}" if gateway_restart else f"0x{minutes}"},
-              {"series": f'up{{{own}}}', "values": f"{up}x{minutes}"}]
+              {"series": f'up{{{own}}}', "values": f"{up}x{minutes}"},
+              {"series": f'gateway_http_responses_total{{api="inference",code="200",{own}}}', "values": f"0+{num(ok)}x{minutes}"},
+              {"series": f'gateway_http_responses_total{{api="inference",code="502",{own}}}',
+               "values": f"0+{num(gateway_errors)}x{minutes}"}]
     for i, r in enumerate(ready):
         series.append({"series": f'gateway_replica_ready{{replica="{i}",{own}}}', "values": f"{r}x{minutes}"})
         restarts = f"0x{half} 1x{minutes - half}" if replica_restart and i == len(ready) - 1 else f"0x{minutes}"
@@ -802,9 +821,9 @@ def scenarios(mon: Monitoring, minutes: int = 30) -> list[Scenario]:
         Scenario("one class but too few predictions: no verdict", stream_series(mon, few, minutes) + healthy,
                  drift_expectations(mon, few, window)),
         Scenario("service faults", stream_series(mon, like, minutes) + service_series(
-            mon, minutes, errors=10.0, rejected=60.0, slow=True, ready=(1, 0), replica_restart=True,
-            worker_restart=True, gateway_restart=True), [
-            ("ServerErrorBurst", {}), ("RejectionBurst", {"ModelName": m, "Reason": "unsupported_format"}),
+            mon, minutes, errors=10.0, rejected=60.0, gateway_errors=10.0, slow=True, ready=(1, 0),
+            replica_restart=True, worker_restart=True, gateway_restart=True), [
+            ("ServerErrorBurst", {}), ("GatewayErrorBurst", {}), ("RejectionBurst", {"ModelName": m, "Reason": "unsupported_format"}),
             ("StageLatencyP99OverBudget", {**base, "Stage": "inference"}),
             ("ReplicaNotReady", {"instance": mon.source.target, "job": JOB, "replica": "1"}),
             ("ReplicaRestarting", {"replica": "1"}), ("WorkerRestarting", {"replica": "0"}),

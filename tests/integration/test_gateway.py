@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,19 @@ def test_metrics_port_serves_every_replica_labelled_and_nothing_else(stack):
     text = requests.get(f"{stack.metrics}/metrics", timeout=30).text
     assert 'replica="0"' in text and "gateway_replica_ready" in text and "gateway_worker_cap" in text
     assert requests.get(f"{stack.metrics}/predictions/{MODEL}", timeout=30).status_code == 404
+
+
+def test_what_clients_were_answered_is_counted_from_the_access_log(stack):
+    def answered(code: str) -> float:
+        text = requests.get(f"{stack.metrics}/metrics", timeout=30).text
+        hit = re.search(rf'^gateway_http_responses_total{{api="inference",code="{code}"}} (\S+)$', text, re.M)
+        return float(hit.group(1)) if hit else 0.0
+
+    before = answered("200"), answered("404")
+    assert requests.post(predictions(stack), data=COAT.read_bytes(), headers=auth(stack), timeout=60).status_code == 200
+    assert requests.get(f"{stack.inference}/nothing-here", timeout=30).status_code == 404
+    wait_for(lambda: answered("200") >= before[0] + 1 and answered("404") >= before[1] + 1, 15,
+             "the supervisor to count the new answers")
 
 
 def test_request_id_is_echoed_and_logged_with_upstream_and_retries(stack):
