@@ -189,8 +189,20 @@ def start(args) -> int:
     return 1
 
 
+def missing_archives(args, opts: StackOptions) -> list[str]:
+    """Archives config.properties' load_models names that the model store does not hold."""
+    names = read_properties(args.config).get("load_models", "")
+    return [str(opts.model_store / n.strip()) for n in names.split(",")
+            if n.strip() and n.strip() != "all" and not (opts.model_store / n.strip()).exists()]
+
+
 def run(args) -> int:
-    stack = Stack(stack_options(args))
+    opts = stack_options(args)
+    missing = missing_archives(args, opts)
+    if missing:
+        print(f"error: {', '.join(missing)} missing: build it with `make mar` (make serve does)", file=sys.stderr)
+        return 1
+    stack = Stack(opts)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stack.stopping.set())
     try:

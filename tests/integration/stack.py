@@ -1,7 +1,9 @@
 """Start the real serving stack (nginx gateway + TorchServe replicas + supervisor) the way users do.
 
 ``python -m scripts.deploy.serve start`` with free public ports, a private run folder,
-log folder and key file; stopped with ``serve stop`` in every case.
+log folder and key file, and a model store of its own (the shipped archive packaged by
+scripts.deploy.package, as on a fresh clone where `make mar` has not run); stopped with
+``serve stop`` in every case.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from scripts.deploy.harness import REPO, free_ports
+from scripts.deploy.harness import REPO, build_store, free_ports, write_config
 from scripts.ops.tsclient import Endpoints, TorchServeClient
 
 
@@ -27,7 +29,10 @@ class Stack:
 
     @property
     def args(self) -> list[str]:
-        return ["--ports", ",".join(map(str, self.ports)), "--run-dir", str(self.run_dir),
+        config = self.root / "config.properties"
+        if not config.exists():  # the shipped config with an own model store (paths and limits as shipped)
+            write_config(self.root, build_store(self.root / "model_store"))
+        return ["--config", str(config), "--ports", ",".join(map(str, self.ports)), "--run-dir", str(self.run_dir),
                 "--log-dir", str(self.log_dir), "--key-file", str(self.key_file)]
 
     run_dir = property(lambda self: self.root / "run")
