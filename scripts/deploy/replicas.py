@@ -63,8 +63,14 @@ class Replica:
                             "--ts-config", str(server.config), "--ncs"],
                            cwd=self.workdir, env=server.env, check=True, stdout=out, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, model: str, deadline_s: float = 240.0) -> dict:
-        return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s, alive=self.alive)
+    def wait_ready(self, model: str, deadline_s: float = 240.0, cancelled=lambda: False) -> dict:
+        """Until the replica answers a real prediction; fails early when it died or ``cancelled()`` (a stop)."""
+        def going() -> bool:
+            if cancelled():
+                raise RuntimeError(f"replica {self.index}: stopped while it was starting")
+            return self.alive()
+
+        return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s, alive=going)
 
     def stop(self, timeout: float = 60.0) -> None:
         """``torchserve --stop``, then wait until the frontend and its workers are gone."""

@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -196,6 +197,25 @@ def missing_archives(args, opts: StackOptions) -> list[str]:
             if n.strip() and n.strip() != "all" and not (opts.model_store / n.strip()).exists()]
 
 
+def start_interruptibly(stack: Stack) -> None:
+    """``stack.start()`` in a thread, so SIGTERM during a slow start is handled at once (the main thread
+    would otherwise sit in an uninterruptible wait) and stops the start instead of waiting for it."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            stack.start()
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    starter = threading.Thread(target=target, name="start")
+    starter.start()
+    while starter.is_alive():
+        starter.join(0.5)
+    if failure:
+        raise failure[0]
+
+
 def run(args) -> int:
     opts = stack_options(args)
     missing = missing_archives(args, opts)
@@ -204,12 +224,14 @@ def run(args) -> int:
         return 1
     stack = Stack(opts)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stack.stopping.set())
+        signal.signal(sig, lambda signum, _frame: stack.request_stop(signal.Signals(signum).name))
     try:
-        stack.start()
+        start_interruptibly(stack)
         stack.supervise()
         return 0
     except Exception as exc:
+        if stack.stopping.is_set():  # a stop asked for during the start: not a failure
+            return 0
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

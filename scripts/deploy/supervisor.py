@@ -111,7 +111,9 @@ class Stack:
         log.info("starting %d replica(s) of %s", len(self.replicas), opts.model)
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(lambda r: r.launch(), self.replicas))
-            list(pool.map(lambda r: r.wait_ready(opts.model, opts.ready_timeout_s), self.replicas))
+            list(pool.map(lambda r: r.wait_ready(opts.model, opts.ready_timeout_s, self.stopping.is_set), self.replicas))
+        if self.stopping.is_set():  # asked to stop while the last answer was on its way
+            raise RuntimeError("stopped while starting")
         for r in self.replicas:
             self.health[r.index] = Health(ready=True, checked_at=time.monotonic(), detail="answered at start")
         vmargs = read_properties(self.replicas[0].server.config).get("vmargs", "")
@@ -127,6 +129,10 @@ class Stack:
         self.publish()  # now with the gateway's pid
         log.info("gateway up: inference %s, management %s, metrics %s",
                  opts.public_inference, opts.public_management, opts.public_metrics)
+
+    def request_stop(self, why: str) -> None:
+        log.info("%s: stopping", why)
+        self.stopping.set()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -259,7 +265,7 @@ class Stack:
                 replica.stop()  # reap what may be left of it (workers, pid file)
                 replica.launch()
                 self._probe_clients.pop(replica.index, None)
-                replica.wait_ready(self.opts.model, self.opts.ready_timeout_s)
+                replica.wait_ready(self.opts.model, self.opts.ready_timeout_s, self.stopping.is_set)
                 h.ready, h.failures, h.checked_at, h.detail = True, 0, time.monotonic(), "answered after restart"
                 log.info("replica %d is back (pid %s)", replica.index, replica.pid())
             except Exception as exc:
