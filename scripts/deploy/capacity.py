@@ -57,7 +57,7 @@ class Capacity:
 
     def refusal_message(self) -> str:
         return (f"min_worker and max_worker must be 1 to {self.cap} per replica on this machine "
-                f"(a worker takes {self.worker_mb:.0f} MB, measured; frontend {self.frontend_mb:.0f} MB; "
+                f"(a worker takes {self.worker_mb:.0f} MB, measured; a frontend up to {self.frontend_mb:.0f} MB; "
                 f"memory {self.memory_mb / 1024:.1f} GiB, {USABLE_SHARE:.0%} usable; {self.cores} cores, "
                 f"at most {WORKERS_PER_CORE} workers a core; {self.replicas} replica(s)). "
                 "0 workers stops serving: add force=true to mean it. See docs/deploy.md, 'Worker cap'.")
