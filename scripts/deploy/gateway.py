@@ -45,6 +45,7 @@ ERRORS = {
     503: ("busy", "ServiceUnavailable", "Too many large uploads in flight at once; retry after the Retry-After delay."),
 }
 RETRY_AFTER = {429: 60, 503: 1}
+MANAGEMENT_TIMEOUT_S = 300  # `ctl scale` waits synchronously for workers (180 s by default)
 
 
 @dataclass
@@ -174,10 +175,14 @@ def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str, str]:
         }}
     }}""")
         refuse = "if ($scale_refused) { return 400 '" + _json_text_obj(settings) + "'; }"
+        # The path is rewritten (nginx escapes it again, so an encoded "?" stays in the path) and proxied
+        # without a URI part; synchronous scaling may take minutes, hence the longer read timeout.
         route = f"""
-        location ~ ^/replicas/{r.index}(?<replica_path>/models(?:/.*)?)$ {{
+        location ~ ^/replicas/{r.index}/models(/.*)?$ {{
             {refuse}
-            proxy_pass http://{_hostport(r.management)}$replica_path$is_args$args;
+            rewrite ^/replicas/{r.index}(/models.*)$ $1 break;
+            proxy_pass http://{_hostport(r.management)};
+            proxy_read_timeout {MANAGEMENT_TIMEOUT_S}s;
             {_proxy_headers(r.management_key)}
         }}"""
         if r.index == 0:
@@ -186,6 +191,7 @@ def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str, str]:
         location ~ ^/models(/.*)?$ {{
             {refuse}
             proxy_pass http://{_hostport(r.management)};
+            proxy_read_timeout {MANAGEMENT_TIMEOUT_S}s;
             {_proxy_headers(r.management_key)}
         }}"""
         mgmt.append(route)
@@ -261,11 +267,13 @@ class Gateway:
         for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
             (run / sub).mkdir(parents=True, exist_ok=True)
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        write_private(self.conf, render(self.settings, keys))
-        check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(self.conf), "-p", str(run), "-e", str(run / "error.log")],
+        candidate = self.conf.with_name("nginx.conf.new")  # the running config is replaced only by a valid one
+        write_private(candidate, render(self.settings, keys))
+        check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(candidate), "-p", str(run), "-e", str(run / "error.log")],
                                capture_output=True, text=True)
         if check.returncode != 0:
-            raise RuntimeError(f"nginx refused the rendered config {self.conf}:\n{check.stderr.strip()}")
+            raise RuntimeError(f"nginx refused the rendered config {candidate}:\n{check.stderr.strip()}")
+        os.replace(candidate, self.conf)
 
     def pid(self) -> int | None:
         try:

@@ -117,9 +117,13 @@ def state(args) -> dict:
 def running_pid(args) -> int | None:
     pid = state(args).get("pid")
     try:
-        return pid if pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE else None
+        proc = psutil.Process(pid) if pid else None
+        # the pid must still be a `serve run` (after an unclean exit the number may belong to anything)
+        if proc and proc.status() != psutil.STATUS_ZOMBIE and "scripts.deploy.serve" in " ".join(proc.cmdline()):
+            return pid
     except psutil.Error:
-        return None
+        pass
+    return None
 
 
 # --- actions -----------------------------------------------------------------------------------------
@@ -186,7 +190,13 @@ def start(args) -> int:
             print(how_to_call(args, answer))
             return 0
         time.sleep(0.5)
-    print(f"error: no prediction through the gateway within {deadline:.0f} s; see {log_path}", file=sys.stderr)
+    print(f"error: no prediction through the gateway within {args.timeout * 1.5 + 30:.0f} s; stopping what started. "
+          f"See {log_path}", file=sys.stderr)
+    os.killpg(proc.pid, signal.SIGTERM)  # serve run stops its replicas and gateway on SIGTERM
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
     return 1
 
 

@@ -18,6 +18,7 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -30,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from scripts.deploy import capacity as capacity_mod
 from scripts.deploy.gateway import Gateway, GatewaySettings, service_keys, write_private
@@ -96,7 +98,11 @@ class Stack:
         self.status_server: socketserver.BaseServer | None = None
         self.stopping = threading.Event()
         self._probe_clients: dict[int, TorchServeClient] = {}
-        self.responses: dict[tuple[str, str], int] = {}  # (api, status) -> answers the gateway gave clients
+        self._routes: dict = {}  # replica index -> its last known ReplicaRoute
+        # (api, status) -> answers the gateway gave clients; the usual codes start at 0 so that Prometheus sees a
+        # first burst as an increase (increase() cannot count a series' first sample)
+        self.responses: dict[tuple[str, str], int] = {
+            ("inference", str(code)): 0 for code in (200, 400, 401, 404, 413, 415, 429, 500, 502, 503, 504)}
         self._log_position: tuple[int, int] | None = None  # (inode, offset) read so far in the access log
         self._apis: dict[str, str] = {}
 
@@ -138,8 +144,12 @@ class Stack:
         self.stopping.set()
         if self.gateway is not None:
             self.gateway.stop()
+        def stop_one(replica: Replica) -> None:
+            with replica.lock:
+                replica.stop()
+
         with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
-            list(pool.map(lambda r: r.stop(), self.replicas))
+            list(pool.map(stop_one, self.replicas))
         if self.status_server is not None:
             self.status_server.shutdown()
             self.status_server.server_close()
@@ -152,9 +162,11 @@ class Stack:
         routes = []
         for r in self.replicas:
             try:
-                routes.append(r.route())
-            except (OSError, ValueError, KeyError):  # a replica mid-restart has no key file yet
-                continue
+                self._routes[r.index] = r.route()
+            except (OSError, ValueError, KeyError):  # mid-restart, no key file yet: its last route, out of rotation
+                if r.index not in self._routes:
+                    continue
+            routes.append(dataclasses.replace(self._routes[r.index]))
         ready = {i for i, h in self.health.items() if h.is_ready(now)}
         if ready:  # take unready replicas out of rotation, unless none is ready (then keep trying all)
             for route in routes:
@@ -166,11 +178,16 @@ class Stack:
                                replicas=routes)
 
     def rerender(self, why: str) -> None:
+        """New config, then reload; a config nginx refuses is logged and the running one kept."""
         with self.render_lock:
             if self.gateway is None or self.stopping.is_set():
                 return
-            self.gateway.settings = self.settings()
-            self.gateway.write(self.keys)
+            try:
+                self.gateway.settings = self.settings()
+                self.gateway.write(self.keys)
+            except Exception:
+                log.exception("gateway not reloaded (%s): the running configuration stays", why)
+                return
             self.publish()
             self.gateway.reload()
             log.info("gateway reloaded: %s", why)
@@ -181,11 +198,15 @@ class Stack:
                  "capacity": self.capacity.to_json() if self.capacity else None,
                  "public": {"inference": self.opts.public_inference, "management": self.opts.public_management,
                             "metrics": self.opts.public_metrics}}
-        (self.opts.run_dir / "replicas.json").write_text(json.dumps(
+        replicas = self.opts.run_dir / "replicas.json"
+        replicas.with_name("replicas.json.new").write_text(json.dumps(
             {"replicas": [{"index": r.index} for r in self.replicas], "capacity": state["capacity"]}, indent=2))
-        write_private(self.opts.run_dir / "state.json",
+        os.replace(replicas.with_name("replicas.json.new"), replicas)  # readers never see half a file
+        path = self.opts.run_dir / "state.json"
+        write_private(path.with_name("state.json.new"),
                       json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None},
                                  indent=2))
+        os.replace(path.with_name("state.json.new"), path)
 
     # --- supervision ----------------------------------------------------------------------------
     def supervise(self) -> None:
@@ -262,8 +283,11 @@ class Stack:
 
         def run() -> None:
             try:
-                replica.stop()  # reap what may be left of it (workers, pid file)
-                replica.launch()
+                with replica.lock:  # Stack.stop() takes the same lock: a replica launched here is stopped there
+                    if self.stopping.is_set():
+                        return
+                    replica.stop()  # reap what may be left of it (workers, pid file)
+                    replica.launch()
                 self._probe_clients.pop(replica.index, None)
                 replica.wait_ready(self.opts.model, self.opts.ready_timeout_s, self.stopping.is_set)
                 h.ready, h.failures, h.checked_at, h.detail = True, 0, time.monotonic(), "answered after restart"
@@ -334,11 +358,10 @@ class Stack:
         own += [f'gateway_replica_ready{{replica="{i}"}} {int(h.is_ready(now))}' for i, h in self.health.items()]
         own += ["# HELP gateway_restarts_total nginx restarts by the supervisor.", "# TYPE gateway_restarts_total counter",
                 f"gateway_restarts_total {self.gateway_restarts}"]
-        if self.responses:
-            own += ["# HELP gateway_http_responses_total Answers the gateway gave clients (after its retries), "
-                    "from its access log.", "# TYPE gateway_http_responses_total counter"]
-            own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
-                    for (api, code), n in sorted(self.responses.items())]
+        own += ["# HELP gateway_http_responses_total Answers the gateway gave clients (after its retries), "
+                "from its access log.", "# TYPE gateway_http_responses_total counter"]
+        own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
+                for (api, code), n in sorted(self.responses.items())]
         if self.capacity is not None:
             own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/deploy/capacity.py).",
                     "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]
@@ -351,13 +374,14 @@ class Stack:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
-                if self.path == "/ready":
+                path = urlsplit(self.path).path
+                if path == "/ready":
                     code, body = stack.readiness()
                     payload, ctype = json.dumps(body).encode(), "application/json"
-                elif self.path == "/v2/ready":  # the Open Inference Protocol's shape of the same answer
+                elif path == "/v2/ready":  # the Open Inference Protocol's shape of the same answer
                     code, _ = stack.readiness()
                     payload, ctype = json.dumps({"ready": code == 200}).encode(), "application/json"
-                elif self.path == "/metrics":
+                elif path == "/metrics":
                     code, payload, ctype = 200, stack.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
                 else:
                     code, payload, ctype = 404, b'{"code":404}', "application/json"

@@ -212,15 +212,19 @@ def cmd_scale(args) -> int:
 
 def cmd_set_default(args) -> int:
     client = connect(args)
-    target = next((v for v in model_state(client, args.model) if v["version"] == args.version), None)
-    if target is None:
-        raise Refused(f"{args.model} has no version {args.version} loaded "
-                      f"(loaded: {', '.join(v['version'] for v in model_state(client, args.model))})")
-    if ready(target) == 0 and not args.force:
-        raise Refused(f"{args.model} {args.version} has no READY worker: as default it would answer 503 "
-                      f"(scale it first: ctl scale {args.model} --version {args.version} --workers N, or pass --force)")
     _, replicas = worker_limit(client, args.model)
-    for prefix in [f"/replicas/{i}" for i in replicas] if replicas else [""]:
+    prefixes = [f"/replicas/{i}" for i in replicas] if replicas else [""]
+    for prefix in prefixes:  # every replica is checked before any is changed: they never disagree on the default
+        versions = client.request("management", "GET", f"{prefix}/models/{args.model}/all").json()
+        target = next((v for v in versions if v["modelVersion"] == args.version), None)
+        where = f" on {prefix.strip('/')}" if prefix else ""
+        if target is None:
+            raise Refused(f"{args.model} has no version {args.version} loaded{where} "
+                          f"(loaded: {', '.join(v['modelVersion'] for v in versions)})")
+        if not any(w.get("status") == "READY" for w in target.get("workers", [])) and not args.force:
+            raise Refused(f"{args.model} {args.version} has no READY worker{where}: as default it would answer 503 "
+                          f"(scale it first: ctl scale {args.model} --version {args.version} --workers N, or pass --force)")
+    for prefix in prefixes:
         print(f"{prefix.strip('/') or args.model}: {client.set_default(args.model, args.version, prefix=prefix).get('status')}")
     print(format_state(model_state(client, args.model)))
     return 0

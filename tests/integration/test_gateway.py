@@ -335,3 +335,35 @@ def test_sixteen_concurrent_v2_requests_some_invalid_are_each_answered_alone(sta
         assert sorted(out["probabilities"], reverse=True) == pytest.approx([t["probability"] for t in expected["top_k"]], abs=1e-6)
     batched = [e for e in stack.access_log() if e["uri"].startswith("/v2/") and e["status"] == 200]
     assert batched, "no v2 request in the access log"
+
+
+def over_cap(stack) -> int:
+    """One worker more than the cap: what these tests ask for (survivable here if the gateway ever let it through)."""
+    return requests.get(f"{stack.management}/replicas", headers=auth(stack, "management"), timeout=30).json()["capacity"]["cap"] + 1
+
+
+@pytest.mark.parametrize("path_and_query", [
+    "/models/{m}?MIN_WORKER=1&min_worker={n}",  # nginx reads names in any case, TorchServe exactly
+    "/models/{m}?min%5Fworker={n}",  # TorchServe decodes names, nginx does not
+    "/models/{m}?x=1;min_worker={n}",  # TorchServe also splits on ";"
+    "/replicas/0/models/{m}?Max_Worker={n}",
+])
+def test_worker_counts_spelled_to_slip_past_the_cap_are_refused(stack, path_and_query):
+    url = stack.management + path_and_query.format(m=MODEL, n=over_cap(stack))
+    resp = requests.put(url, headers=auth(stack, "management"), timeout=30)
+    assert resp.status_code == 400 and resp.json()["type"] == "WorkerLimit", resp.text
+
+
+def test_an_encoded_question_mark_stays_in_the_path_and_scales_nothing(stack):
+    before = requests.get(f"{stack.management}/models/{MODEL}", headers=auth(stack, "management"), timeout=30).json()
+    n = over_cap(stack)
+    for path in (f"/replicas/0/models/{MODEL}%3Fmin_worker%3D{n}", f"/models/{MODEL}%3Fmin_worker%3D{n}"):
+        resp = requests.put(f"{stack.management}{path}", headers=auth(stack, "management"), timeout=30)
+        assert 400 <= resp.status_code < 500, resp.text
+    after = requests.get(f"{stack.management}/models/{MODEL}", headers=auth(stack, "management"), timeout=30).json()
+    assert len(after[0]["workers"]) == len(before[0]["workers"])
+
+
+def test_the_cap_is_told_only_to_holders_of_the_management_key(stack):
+    resp = requests.put(f"{stack.management}/models/{MODEL}", params={"min_worker": 1000}, timeout=30)
+    assert resp.status_code == 401 and "WorkerLimit" not in resp.text
