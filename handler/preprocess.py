@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from handler import v2
 from handler.canonical import Canonical, canonicalise
 from handler.errors import EmptyRequest, ImageTooLarge, InvalidImage, RequestError, UnsupportedMediaType
-from handler.request import Options, header_options, parse_request
+from handler.request import PROBE_HEADER, Options, header_options, parse_request
 from handler.spec import Limits, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,7 @@ class Prepared:
     is_list: bool  # {"instances": [...]}: answer with a list
     explain: bool  # /explanations: add the per-view breakdown
     v2: dict | None = None  # an Open Inference Protocol request: its id and the outputs asked for
+    probe: bool = False  # a readiness probe (PROBE_HEADER): answered, but kept out of the quality metrics
 
 
 DESCRIBE = "describe"  # a request carrying the describe header: answered with the model's description
@@ -350,4 +351,5 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
     except RequestError as exc:
         exc.v2 = is_v2  # answered in the v2 error shape
         return exc
-    return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true", meta)
+    return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true", meta,
+                    probe=headers.get(PROBE_HEADER, "").lower() == "true")

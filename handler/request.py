@@ -36,6 +36,7 @@ from handler.errors import (
 )
 
 IMAGE_FIELDS = ("data", "file", "image", "body")
+PROBE_HEADER = "x-readiness-probe"  # "true": the serving stack's supervisor probing; the gateway strips it from clients
 OPTION_FIELDS = ("top_k", "tta", "explain_class")
 TTA_VALUES = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)

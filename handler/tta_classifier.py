@@ -91,6 +91,8 @@ class TTAClassifierHandler(BaseHandler):
             output.append(json.dumps(body))
             if status != 200:
                 rejected.append(slot.reason)
+            if getattr(slot, "probe", False):  # readiness probes would skew the label and confidence distributions
+                continue
             for image, item in zip(result if answers else [], answers):
                 labels.append(item["label"])
                 confidences.append(item["confidence"])

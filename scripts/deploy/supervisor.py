@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from handler.request import PROBE_HEADER
 from scripts.deploy import capacity as capacity_mod
 from scripts.deploy.gateway import Gateway, GatewaySettings, service_keys, write_private
 from scripts.deploy.harness import EXAMPLE
@@ -319,7 +320,8 @@ class Stack:
     def probe(self, replica: Replica) -> None:
         h = self.health[replica.index]
         try:
-            resp = self.probe_client(replica).predict(self.opts.model, EXAMPLE.read_bytes(), check=False)
+            resp = self.probe_client(replica).predict(self.opts.model, EXAMPLE.read_bytes(), check=False,
+                                                      headers={PROBE_HEADER: "true"})
             ok = resp.status_code == 200
             detail = "answered a prediction" if ok else f"prediction answered HTTP {resp.status_code}: {resp.text[:120]}"
         except Exception as exc:  # timeouts, refused connections: not ready

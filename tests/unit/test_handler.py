@@ -118,6 +118,19 @@ def test_quality_metrics_are_emitted_with_their_dimensions(tiny_handler, caplog)
     assert predicted == 2
 
 
+def test_readiness_probes_are_answered_but_kept_out_of_the_quality_metrics(tiny_handler, caplog):
+    """The supervisor probes every replica every 2 s; counted, they would skew the label distribution at night."""
+    handler, ctx = tiny_handler
+    with caplog.at_level(logging.INFO):
+        statuses, bodies = run_batch(handler, ctx, [({"body": image(7)}, {"X-Readiness-Probe": "true"}),
+                                                    ({"body": image(8)}, {})])
+    assert statuses == [200, 200] and "label" in bodies[0]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    predicted = sum(float(line.split(":")[1].split("|")[0]) for line in lines if line.startswith("[METRICS]PredictionsPerLabel"))
+    confidences = [line for line in lines if line.startswith("[METRICS]TopConfidence")]
+    assert predicted == 1 and len(confidences) == 1
+
+
 def test_an_unexpected_bug_on_one_request_is_isolated_to_it(tiny_handler, monkeypatch):
     import handler.tta_classifier as module
 
