@@ -19,7 +19,6 @@ import collections
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,7 +54,7 @@ def uploads(args, workdir: Path) -> dict:
     srv = server(args, workdir)
     srv.start()
     try:
-        proc = psutil.Process(int((workdir / "tmp" / ".model_server.pid").read_text()))
+        proc = psutil.Process(srv.pid())
         key = srv.client.key("inference")
         url = f"{srv.client.endpoints.inference}/predictions/fashion_cnn"
         body, statuses = os.urandom(args.size), collections.Counter()
@@ -106,8 +105,7 @@ def logs(args, workdir: Path) -> dict:
     srv = server(args, workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     with open(workdir / "stdout.log", "wb") as out:
-        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--start", "--ts-config", str(srv.config), "--ncs"],
-                       cwd=workdir, env=srv.env, check=True, stdout=out, stderr=subprocess.STDOUT)
+        srv.launch(stdout=out)
     try:
         wait_ready(srv.client, "fashion_cnn", EXAMPLE.read_bytes(), deadline_s=240)
         time.sleep(3)

@@ -244,10 +244,11 @@ def worker_memory(srv, models: list[str]) -> dict:
             except (psutil.Error, KeyError, ValueError):
                 continue
         out[m] = rows
+    pid = srv.pid()
     try:
-        pid = int((srv.workdir / "tmp" / ".model_server.pid").read_text())
-        out["_frontend_jvm"] = [{"pid": pid, "rss_mib": psutil.Process(pid).memory_info().rss / 2**20}]
-    except (OSError, ValueError, psutil.Error):
+        if pid is not None:
+            out["_frontend_jvm"] = [{"pid": pid, "rss_mib": psutil.Process(pid).memory_info().rss / 2**20}]
+    except psutil.Error:
         pass
     return out
 

@@ -122,15 +122,26 @@ class Server:
     def properties(self) -> dict[str, str]:
         return read_properties(self.config)
 
-    def start(self, model: str = "fashion_cnn", deadline_s: float = 240.0) -> dict:
+    def launch(self, stdout=subprocess.DEVNULL) -> None:
+        """``torchserve --start``: returns once the frontend is forked (models load after); its output to ``stdout``."""
         subprocess.run(
             [str(Path(sys.executable).parent / "torchserve"), "--start", "--ts-config", str(self.config), "--ncs"],
-            cwd=self.workdir, env=self.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            cwd=self.workdir, env=self.env, check=True, stdout=stdout, stderr=subprocess.STDOUT,
         )
-        pid = int((self.workdir / "tmp" / ".model_server.pid").read_text())
+
+    def pid(self) -> int | None:
+        """The frontend's pid while it runs (torchserve --start writes it into TMPDIR), else None."""
+        try:
+            pid = int((self.workdir / "tmp" / ".model_server.pid").read_text())
+            return pid if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE else None
+        except (OSError, ValueError, psutil.Error):
+            return None
+
+    def start(self, model: str = "fashion_cnn", deadline_s: float = 240.0) -> dict:
+        self.launch()
         try:
             return wait_ready(self.client, model, EXAMPLE.read_bytes(), deadline_s=deadline_s,
-                              alive=lambda: psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+                              alive=lambda: self.pid() is not None)
         except Exception:
             print(self.log_tail("ts_log.log"), self.log_tail(), sep="\n", file=sys.stderr)
             self.stop()

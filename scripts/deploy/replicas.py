@@ -12,8 +12,6 @@ folder, owner-only) are read by the gateway, which is the only client that holds
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -59,9 +57,7 @@ class Replica:
         log = self.workdir / "logs"
         log.mkdir(exist_ok=True)
         with open(log / "torchserve_start.log", "ab") as out:
-            subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--start",
-                            "--ts-config", str(server.config), "--ncs"],
-                           cwd=self.workdir, env=server.env, check=True, stdout=out, stderr=subprocess.STDOUT)
+            server.launch(stdout=out)
 
     def wait_ready(self, model: str, deadline_s: float = 240.0, cancelled=lambda: False) -> dict:
         """Until the replica answers a real prediction; fails early when it died or ``cancelled()`` (a stop)."""
@@ -91,11 +87,7 @@ class Replica:
         return self.server.client
 
     def pid(self) -> int | None:
-        try:
-            pid = int((self.workdir / "tmp" / ".model_server.pid").read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if _running(pid) else None
+        return self.server.pid() if self.server is not None else None
 
     def alive(self) -> bool:
         return self.pid() is not None
@@ -113,10 +105,3 @@ class Replica:
         return {"index": self.index, "pid": self.pid(), "workdir": str(self.workdir),
                 "inference": ep.inference if ep else None, "management": ep.management if ep else None,
                 "metrics": ep.metrics if ep else None}
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

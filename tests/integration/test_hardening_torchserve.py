@@ -51,7 +51,7 @@ def hardened(tmp_path_factory):
 
 
 def frontend(srv: Server) -> psutil.Process:
-    return psutil.Process(int((srv.workdir / "tmp" / ".model_server.pid").read_text()))
+    return psutil.Process(srv.pid())
 
 
 def key(srv: Server, kind: str) -> str:
