@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +59,28 @@ def tiny_model_dir(tmp_path_factory, tiny_spec) -> Path:
     """A model directory as TorchServe unpacks a .mar: MAR-INF/MANIFEST.json + model.pt."""
     model_dir = tmp_path_factory.mktemp("tiny_model")
     save_scripted(TinyCNN(), tiny_spec, model_dir / "tiny.pt")
-    (model_dir / "MAR-INF").mkdir()
-    manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "serializedFile": "tiny.pt", "handler": "tta_classifier.py"}}
+    return write_manifest(model_dir, "tiny", "tiny.pt")
+
+
+def write_manifest(model_dir: Path, name: str, serialized_file: str) -> Path:
+    """MAR-INF/MANIFEST.json, as TorchServe finds it in an unpacked .mar; returns ``model_dir``."""
+    (model_dir / "MAR-INF").mkdir(exist_ok=True)
+    manifest = {"model": {"modelName": name, "modelVersion": "1.0", "serializedFile": serialized_file,
+                          "handler": "tta_classifier.py"}}
     (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
     return model_dir
+
+
+def shipped_handler(model_dir: Path):
+    """The shipped model served by the handler in TorchServe's real Context, one worker, one thread: (handler, ctx)."""
+    from handler.tta_classifier import TTAClassifierHandler
+
+    shutil.copy(REPO / "models" / "fashion_cnn.pt", model_dir / "fashion_cnn.pt")
+    ctx = make_context(write_manifest(model_dir, "fashion_cnn", "fashion_cnn.pt"),
+                       {"maxWorkers": 1, "handler": {"threads": 1}})
+    handler = TTAClassifierHandler()
+    handler.initialize(ctx)
+    return handler, ctx
 
 
 def make_context(model_dir: Path, yaml_config: dict | None = None) -> Context:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,10 +15,10 @@ from PIL import Image
 from handler.explain import Explainer, heatmaps
 from handler.loader import read_model
 from handler.tta import background_fill
-from handler.tta_classifier import TTAClassifierHandler
 from scripts.evaluate.explain import per_image_mass, randomised, spearman
 from scripts.train.data import REPO, eval_inputs, load_idx_dir, split
-from tests.conftest import DATA, make_context, png_bytes, run_batch, same_answer
+from tests.conftest import DATA, png_bytes, run_batch, same_answer
+from tests.conftest import shipped_handler as load_shipped
 
 SHIPPED = REPO / "models" / "fashion_cnn.pt"
 EXAMPLES = REPO / "examples"
@@ -35,17 +33,8 @@ def decode(b64: str) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("shipped_explain")
-    shutil.copy(SHIPPED, model_dir / "fashion_cnn.pt")
-    (model_dir / "MAR-INF").mkdir()
-    manifest = {"model": {"modelName": "fashion_cnn", "modelVersion": "1.0", "serializedFile": "fashion_cnn.pt",
-                          "handler": "tta_classifier.py"}}
-    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
     threads = torch.get_num_threads()
-    ctx = make_context(model_dir, {"maxWorkers": 1, "handler": {"threads": 1}})
-    handler = TTAClassifierHandler()
-    handler.initialize(ctx)
-    yield handler, ctx
+    yield load_shipped(tmp_path_factory.mktemp("shipped_explain"))
     torch.set_num_threads(threads)
 
 

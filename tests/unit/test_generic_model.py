@@ -10,7 +10,6 @@ real ``Context``, from a model directory laid out as TorchServe unpacks a .mar
 from __future__ import annotations
 
 import io
-import json
 import shutil
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image
 from handler.preprocess import Prepared
 from handler.spec import IMAGENET_MEAN, IMAGENET_STD
 from scripts.train.build_resnet import build
-from tests.conftest import make_context, run_batch
+from tests.conftest import make_context, run_batch, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,7 @@ def resnet_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("resnet_model")
     shutil.copy(built["model"], model_dir / "resnet18.pt")
     shutil.copy(built["spec"], model_dir / "spec.json")
-    (model_dir / "MAR-INF").mkdir()
-    manifest = {"model": {"modelName": "resnet18", "modelVersion": "1.0", "serializedFile": "resnet18.pt",
-                          "handler": "tta_classifier.py"}}
-    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    write_manifest(model_dir, "resnet18", "resnet18.pt")
     return model_dir
 
 

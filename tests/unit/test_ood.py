@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +21,7 @@ from handler.tta_classifier import TTAClassifierHandler
 from scripts.train.data import REPO, load_idx_dir, split
 from scripts.train.photos import render_all
 from tests.conftest import DATA, TinyCNN, make_context, run_batch, same_answer, save_scripted
+from tests.conftest import shipped_handler as load_shipped
 
 SHIPPED = REPO / "models" / "fashion_cnn.pt"
 
@@ -43,15 +43,7 @@ def text_image() -> Image.Image:
 @pytest.fixture(scope="module")
 def shipped_handler(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("shipped")
-    shutil.copy(SHIPPED, model_dir / "fashion_cnn.pt")
-    (model_dir / "MAR-INF").mkdir()
-    manifest = {"model": {"modelName": "fashion_cnn", "modelVersion": "1.0", "serializedFile": "fashion_cnn.pt",
-                          "handler": "tta_classifier.py"}}
-    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
-    ctx = make_context(model_dir, {"maxWorkers": 1, "handler": {"threads": 1}})
-    handler = TTAClassifierHandler()
-    handler.initialize(ctx)
-    return handler, ctx, model_dir
+    return (*load_shipped(model_dir), model_dir)
 
 
 @pytest.fixture(scope="module")

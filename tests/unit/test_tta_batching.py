@@ -20,7 +20,7 @@ from torch import nn
 
 from handler.inference import Policy, classify
 from handler.tta import parse_view
-from tests.conftest import TinyCNN, make_context, png_bytes, run_batch, save_scripted
+from tests.conftest import TinyCNN, make_context, png_bytes, run_batch, save_scripted, write_manifest
 
 VIEWS = ("identity", "hflip", "shift(1,0)", "shift(-1,0)")
 
@@ -57,10 +57,7 @@ def counting_handler(tmp_path, tiny_spec):
 
     assert tiny_spec.tta == VIEWS  # the conftest spec: 4 views
     save_scripted(CountingModel(), tiny_spec, tmp_path / "counting.pt")
-    (tmp_path / "MAR-INF").mkdir()
-    manifest = {"model": {"modelName": "counting", "modelVersion": "1.0", "serializedFile": "counting.pt",
-                          "handler": "tta_classifier.py"}}
-    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    write_manifest(tmp_path, "counting", "counting.pt")
     ctx = make_context(tmp_path)
     handler = TTAClassifierHandler()
     handler.initialize(ctx)
