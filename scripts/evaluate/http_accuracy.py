@@ -26,13 +26,18 @@ from handler.preprocess import bytes_to_tensor
 from scripts.train.data import DEFAULT_DATA, REPO, load_idx_dir, split
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The options every evaluation through the server shares (also scripts.evaluate.real_world's)."""
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--model", default="fashion_cnn")
     p.add_argument("--config", type=Path, default=REPO / "config.properties")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--offline", action="store_true", help="run the handler's code in-process instead of over HTTP")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_args(p)
     p.add_argument("--model-file", type=Path, default=REPO / "models" / "fashion_cnn.pt", help="for --offline")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p
@@ -49,14 +54,19 @@ def holdout_pngs(data: Path, seed: int = 0) -> tuple[list[bytes], np.ndarray]:
     return pngs, ds.labels[idx]
 
 
-def http_predictions(client, model: str, pngs: list[bytes], tta: bool, concurrency: int = 8) -> list[dict]:
-    headers = {"X-TTA": "on" if tta else "off"}
-
+def http_answers(client, model: str, payloads: list[bytes], concurrency: int = 8, headers: dict | None = None,
+                 content_type: str = "application/octet-stream", desc: str = "HTTP") -> list[dict]:
+    """The server's answers to ``payloads``, in order, ``concurrency`` requests in flight."""
     def one(data: bytes) -> dict:
-        return client.predict(model, data, headers=headers, content_type="image/png").json()
+        return client.predict(model, data, headers=headers, content_type=content_type).json()
 
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(tqdm(pool.map(one, pngs), total=len(pngs), desc=f"HTTP tta={'on' if tta else 'off'}", leave=False))
+        return list(tqdm(pool.map(one, payloads), total=len(payloads), desc=desc, leave=False))
+
+
+def http_predictions(client, model: str, pngs: list[bytes], tta: bool, concurrency: int = 8) -> list[dict]:
+    return http_answers(client, model, pngs, concurrency, headers={"X-TTA": "on" if tta else "off"},
+                        content_type="image/png", desc=f"HTTP tta={'on' if tta else 'off'}")
 
 
 def offline_predictions(model_file: Path, pngs: list[bytes], tta: bool) -> list[dict]:

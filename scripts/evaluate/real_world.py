@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,10 @@ from handler.inference import Policy, infer
 from handler.loader import read_model
 from handler.postprocess import render
 from handler.preprocess import Prepared, canonical_image, prepare
+from scripts.evaluate.http_accuracy import add_server_args, http_answers
 from scripts.evaluate.outliers import NON_GARMENT_SETS, non_garment_sets
-from scripts.train.data import DEFAULT_DATA, REPO, load_idx_dir, split
+from scripts.ops.tsclient import TorchServeClient
+from scripts.train.data import REPO, load_idx_dir, split
 from scripts.train.ood import auroc
 from scripts.train.photos import STYLES, render_all
 
@@ -43,13 +44,9 @@ DOCS = REPO / "docs"
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--model", default="fashion_cnn")
-    p.add_argument("--config", type=Path, default=REPO / "config.properties")
-    p.add_argument("--concurrency", type=int, default=8)
+    add_server_args(p)
     p.add_argument("--per-set", type=int, default=200, help="images per non-garment set")
     p.add_argument("--limit", type=int, default=None, help="use only the first N held-out garments (a quick check)")
-    p.add_argument("--offline", action="store_true", help="run the handler's code in-process instead of over HTTP")
     p.add_argument("--model-file", type=Path, default=REPO / "models" / "fashion_cnn.pt",
                    help="the model whose spec draws the grid (and that answers with --offline)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -77,18 +74,6 @@ def build_sets(data: Path, per_set: int, limit: int | None = None) -> dict[str, 
     for entry in sets.values():
         entry["bytes"] = [encode(img, entry["fmt"]) for img in entry["images"]]
     return sets
-
-
-def http_answers(config: Path, model: str, payloads: list[bytes], concurrency: int, desc: str) -> list[dict]:
-    from scripts.ops.tsclient import TorchServeClient
-
-    client = TorchServeClient.from_config(config)
-
-    def one(data: bytes) -> dict:
-        return client.predict(model, data, content_type="application/octet-stream").json()
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        return list(tqdm(pool.map(one, payloads), total=len(payloads), desc=desc, leave=False))
 
 
 class Offline:
@@ -167,12 +152,13 @@ def markdown(results: dict) -> str:
 def main(args: argparse.Namespace) -> dict:
     sets = build_sets(args.data, args.per_set, args.limit)
     offline = Offline(args.model_file) if args.offline else None
+    client = None if offline is not None else TorchServeClient.from_config(args.config)
     answers = {}
     for name, entry in sets.items():
         if offline is not None:
             answers[name] = offline.answers(entry["bytes"], name)
         else:
-            answers[name] = http_answers(args.config, args.model, entry["bytes"], args.concurrency, name)
+            answers[name] = http_answers(client, args.model, entry["bytes"], args.concurrency, desc=name)
     native_scores = [a.get("ood_score") for a in answers["native"]]
     results = {"source": "offline" if offline else "http", "sets": {}}
     for name, entry in sets.items():
