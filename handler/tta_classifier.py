@@ -27,7 +27,6 @@ from handler.metrics import QualityMetrics
 from handler.postprocess import render
 from handler.preprocess import prepare
 from handler.request import normalise_headers
-from handler.tta import background_fill
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class TTAClassifierHandler(BaseHandler):
         self.spec, self.reference = loaded.artifact.spec, loaded.artifact.reference
         self.policy = Policy.from_spec(self.spec, loaded.artifact.ood)
         golden.require(loaded.artifact.golden, self.model, self.spec, self.policy, self.device)
-        self.explainer = Explainer.build(loaded.artifact.model, self.spec, background_fill(self.spec).to(self.device))
+        self.explainer = Explainer.build(loaded.artifact.model, self.spec, self.policy.fill.to(self.device))
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
         self.model_name = context.model_name
         self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
