@@ -1,9 +1,12 @@
-"""Batched TTA inference: every view of every image in ONE forward pass.
+"""Batched, confidence-gated TTA inference: two forward passes at most, never a loop.
 
-The batch is laid out view-major: the identity view of all N images first (a
-request with TTA off needs nothing else), then each extra view of the M images
-that asked for TTA.  One ``model(stacked)`` call under ``torch.inference_mode()``
-produces all logits; they are split back per view and merged per image.
+1. The identity view of every image in the batch goes through the model at once
+   (``forward_features`` when the out-of-distribution detector reads the embedding).
+2. The images that asked for TTA and that the spec's gate lets through (their identity
+   answer is not confident; ``handler.tta.Gate``), plus those that asked for every view,
+   get the policy's extra views, stacked view-major, in ONE second forward pass; their
+   logits are merged per image.  With no gate every image that asked gets the views;
+   when none qualifies the second pass is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from handler.errors import SpecError
 from handler.ood import Detector
 from handler.preprocess import Prepared
 from handler.spec import ModelSpec
-from handler.tta import View, background_fill, expand, merge, parse_view
+from handler.tta import Gate, View, background_fill, expand, merge, parse_view
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Policy:
     merge: str
     temperature: float
     detector: Detector | None = None
+    gate: Gate | None = None  # None: every image that asks gets every view
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, ood_params: dict | None = None) -> Policy:
@@ -43,6 +47,7 @@ class Policy:
             merge=spec.merge,
             temperature=float(spec.temperature),
             detector=None if needs_params and ood_params is None else Detector.build(spec.ood, float(spec.temperature), ood_params),
+            gate=spec.tta_gate,
         )
 
 
@@ -67,27 +72,31 @@ def forward(model, x: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch
 
 
 def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, use_tta: torch.Tensor, policy: Policy,
-             signals: torch.Tensor | None = None) -> BatchResult:
-    """Classify a batch ``x`` (N, C, H, W); ``use_tta`` (N,) bool selects the images that get all views.
+             signals: torch.Tensor | None = None, force: torch.Tensor | None = None) -> BatchResult:
+    """Classify a batch ``x`` (N, C, H, W).
 
+    ``use_tta`` (N,) bool: the images that may get the extra views (those the policy's gate
+    lets through); ``force`` (N,) bool: the images that get them whatever the gate.
     ``signals`` (N, S) are the raw-image signals from canonicalisation; the out-of-distribution
     score is computed when the detector has what it needs (the features detector needs them).
     """
     n = x.shape[0]
-    on = torch.nonzero(use_tta, as_tuple=False).flatten()
-    extra = policy.views[1:] if len(on) else ()
-    stacked = torch.cat([x, expand(x[on], list(extra), policy.fill)]) if extra else x
     detector = policy.detector
     features = detector is not None and detector.needs_features and signals is not None
-    logits, embedding = forward(model, stacked, features)
-    k = logits.shape[-1]
-    base = logits[:n]
+    base, embedding = forward(model, x, features)
     probs = torch.softmax(base / policy.temperature, dim=-1)
-    n_views = torch.ones(n, dtype=torch.long)
-    disagree = torch.zeros(n, dtype=torch.bool)
+    n_views = torch.ones(n, dtype=torch.long, device=base.device)
+    disagree = torch.zeros(n, dtype=torch.bool, device=base.device)
     view_probs = [p.unsqueeze(0) for p in probs]
-    if extra:
-        per_view = torch.cat([base[on].unsqueeze(0), logits[n:].view(len(extra), len(on), k)])  # (V, M, K)
+    extra = policy.views[1:]
+    wanted = use_tta if policy.gate is None else use_tta & policy.gate.opens(probs)
+    if force is not None:
+        wanted = wanted | force
+    on = torch.nonzero(wanted, as_tuple=False).flatten()
+    if extra and len(on):
+        more, _ = forward(model, expand(x[on], list(extra), policy.fill), False)
+        k = base.shape[-1]
+        per_view = torch.cat([base[on].unsqueeze(0), more.view(len(extra), len(on), k)])  # (V, M, K)
         probs[on] = merge(per_view, policy.merge, policy.temperature)
         top1 = per_view.argmax(dim=-1)  # (V, M)
         disagree[on] = (top1 != top1[0:1]).any(dim=0)
@@ -97,7 +106,7 @@ def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, u
             view_probs[i] = each[:, j]
     result = BatchResult(probs, n_views, disagree, view_probs)
     if detector is not None and (features or not detector.needs_features):
-        parts = detector.parts(base.cpu(), embedding[:n].cpu() if features else None, signals)
+        parts = detector.parts(base.cpu(), embedding.cpu() if features else None, signals)
         score = detector.score(parts)
         result = BatchResult(probs, n_views, disagree, view_probs, score, detector.flag(score), parts)
     return result
@@ -145,23 +154,24 @@ def infer(model, slots: list, policy: Policy, device: torch.device | None = None
     ``slots`` is the preprocess stage's output; prepared requests are replaced by
     their list of ``ImageResult``, anything else (errors, describe) passes through.
     """
-    owners, tensors, signals, tta = [], [], [], []
+    owners, tensors, signals, tta, every = [], [], [], [], []
     for idx, slot in enumerate(slots):
         if isinstance(slot, Prepared):
             for tensor, signal, options in zip(slot.tensors, slot.signals, slot.options):
                 owners.append(idx)
                 tensors.append(tensor)
                 signals.append(signal)
-                tta.append(options.tta is not False)
+                tta.append(options.tta != "off")
+                every.append(options.tta == "all")
     if not tensors:
         return list(slots)
     x = torch.stack(tensors)
     s = torch.stack(signals) if all(signal is not None for signal in signals) else None
-    use_tta = torch.tensor(tta, dtype=torch.bool)
+    use_tta, force = torch.tensor(tta, dtype=torch.bool), torch.tensor(every, dtype=torch.bool)
     if device is not None and device.type != "cpu":
         x = x.to(device)
         policy = dataclasses.replace(policy, fill=policy.fill.to(device))
-    result = classify(model, x, use_tta.to(x.device), policy, s)
+    result = classify(model, x, use_tta.to(x.device), policy, s, force.to(x.device))
     out = [slot if not isinstance(slot, Prepared) else [] for slot in slots]
     for row, idx in enumerate(owners):
         ood = {}

@@ -16,9 +16,10 @@ CONFIDENCE = ("TopConfidence", MetricTypes.HISTOGRAM, "Ratio", ["ModelName", "Mo
 UNCERTAIN = ("UncertainPredictions", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
 OUT_OF_DISTRIBUTION = ("OutOfDistributionPredictions", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
 DISAGREEMENT = ("TTADisagreement", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])
+AUGMENTED = ("TTAAugmented", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])  # answers that got the extra views
 REJECTED = ("RejectedRequests", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion", "Reason"])
 STAGE_LATENCY = ("StageLatency", MetricTypes.HISTOGRAM, "Seconds", ["ModelName", "ModelVersion", "Stage"])
-ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, REJECTED, STAGE_LATENCY)
+ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, AUGMENTED, REJECTED, STAGE_LATENCY)
 
 
 class QualityMetrics:
@@ -38,7 +39,8 @@ class QualityMetrics:
             handle = self.cache.add_metric_to_cache(name, unit, list(dim_names), mtype)
         handle.add_or_update(value, [*self.base, *dims], "")
 
-    def predictions(self, labels: list[str], confidences: list[float], uncertain: int, disagree: int, ood: int = 0) -> None:
+    def predictions(self, labels: list[str], confidences: list[float], uncertain: int, disagree: int, ood: int = 0,
+                    augmented: int = 0) -> None:
         for label, count in Counter(labels).items():
             self._emit(PREDICTIONS, count, label)
         for confidence in confidences:
@@ -49,6 +51,8 @@ class QualityMetrics:
             self._emit(DISAGREEMENT, disagree)
         if ood:
             self._emit(OUT_OF_DISTRIBUTION, ood)
+        if augmented:
+            self._emit(AUGMENTED, augmented)
 
     def rejected(self, reasons: list[str]) -> None:
         for reason, count in Counter(reasons).items():

@@ -8,6 +8,10 @@ already-parsed ``dict``/``list`` when the Content-Type is exactly
 ``tta``, ``explain_class``) or JSON fields (``top_k``, ``tta``, ``explain_class``); a
 field in the body wins over a header.
 
+``tta`` is one of three modes: ``off`` (the identity view only), ``on`` (the spec's
+policy: the extra views for the images its gate lets through, the default) and ``all``
+(every view for every image, whatever the gate); ``true``/``false`` mean on/off.
+
 Accepted shapes:
 
 - raw image bytes, with any or no Content-Type
@@ -38,7 +42,9 @@ from handler.errors import (
 IMAGE_FIELDS = ("data", "file", "image", "body")
 PROBE_HEADER = "x-readiness-probe"  # "true": the serving stack's supervisor probing; the gateway strips it from clients
 OPTION_FIELDS = ("top_k", "tta", "explain_class")
-TTA_VALUES = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+TTA_MODES = ("off", "on", "all")
+TTA_VALUES = {"on": "on", "true": "on", "1": "on", "yes": "on", "off": "off", "false": "off", "0": "off", "no": "off",
+              "all": "all"}
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w-]+=[\w.-]+)*;base64,", re.IGNORECASE)
 _JSON_HINT = "Send JSON as {\"image\": \"<base64 or data: URL>\", \"top_k\": 3, \"tta\": true} or {\"instances\": [...]}."
 
@@ -50,7 +56,7 @@ class InvalidBase64(RequestError):
 @dataclass(frozen=True)
 class Options:
     top_k: int | None = None  # None: the spec's default
-    tta: bool | None = None  # None: the spec's policy (on)
+    tta: str | None = None  # one of TTA_MODES; None: the spec's policy ("on")
     explain_class: int | None = None  # /explanations: the class to explain; None: the predicted one
 
     def merged(self, other: Options) -> Options:
@@ -118,7 +124,7 @@ def value_repr(value: Any, where: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_tta_text(value: str, where: str) -> bool:
+def parse_tta_text(value: str, where: str) -> str:
     key = value.strip().lower()
     if key not in TTA_VALUES:
         raise InvalidOption(f"{where} must be one of {', '.join(TTA_VALUES)}; got {value_repr(value, where)}.")
@@ -162,11 +168,13 @@ def json_options(obj: Mapping[str, Any], classes: int | tuple[str, ...], where: 
     top_k = obj.get("top_k")
     tta = obj.get("tta")
     explain_class = obj.get("explain_class")
-    if tta is not None and not isinstance(tta, bool):
-        raise InvalidOption(f'{where}"tta" must be true or false; got {value_repr(tta, "tta")}.')
+    if tta is not None and not isinstance(tta, (bool, str)):
+        raise InvalidOption(f'{where}"tta" must be true, false or one of "off", "on", "all"; got {value_repr(tta, "tta")}.')
+    if isinstance(tta, bool):
+        tta = "on" if tta else "off"
     return Options(
         top_k=parse_top_k(top_k, len(names), f'{where}"top_k"') if top_k is not None else None,
-        tta=tta,
+        tta=parse_tta_text(tta, f'{where}"tta"') if tta is not None else None,
         explain_class=parse_explain_class(explain_class, names, f'{where}"explain_class"')
         if explain_class is not None else None,
     )

@@ -3,10 +3,10 @@
 The spec is the single source of truth for how an image becomes a tensor
 (size, channels, mean/std, resize policy, background for transparency), what
 the outputs mean (class names, temperature) and how the server answers (TTA
-policy, merge rule, "uncertain" threshold, default top-k), how a photo is brought
-into the training distribution (``canonical``) and which out-of-distribution
-detector and threshold apply (``ood``).  Training writes it
-into the TorchScript file (``_extra_files={"spec.json": ...}``) and into the
+policy, merge rule, which images get the extra views, "uncertain" threshold,
+default top-k), how a photo is brought into the training distribution
+(``canonical``) and which out-of-distribution detector and threshold apply
+(``ood``).  Training writes it into the TorchScript file (``_extra_files={"spec.json": ...}``) and into the
 archive; the handler reads it once in ``initialize()`` and may override the
 serving fields from the ``handler:`` section of ``model-config.yaml``.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from handler.canonical import CanonicalSpec
 from handler.errors import SpecError
 from handler.ood import OODSpec
-from handler.tta import MERGE_RULES, parse_view
+from handler.tta import MERGE_RULES, Gate, parse_view
 
 SPEC_FILENAME = "spec.json"
 REFERENCE_FILENAME = "reference.json"
@@ -59,6 +59,8 @@ class ModelSpec:
     background: tuple[int, ...] = (0,)  # 0..255 per channel: fill for padding and for transparent pixels
     tta: tuple[str, ...] = ("identity",)  # view names, see handler.tta.VIEWS
     merge: str = "mean_prob"
+    # Extra views only for images the identity view is unsure of (handler.tta.Gate); null: for every image.
+    tta_gate: Gate | None = None
     temperature: float = 1.0  # logits are divided by this before softmax (fitted on held-out data)
     threshold: float = 0.5  # top-1 probability below this is answered with "uncertain": true
     top_k: int = 3
@@ -76,7 +78,7 @@ class ModelSpec:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise SpecError(f"spec.{name} must be a list, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        for name, kind in (("limits", Limits), ("canonical", CanonicalSpec), ("ood", OODSpec)):
+        for name, kind in (("limits", Limits), ("canonical", CanonicalSpec), ("ood", OODSpec), ("tta_gate", Gate)):
             if isinstance(getattr(self, name), Mapping):
                 object.__setattr__(self, name, _build(kind, getattr(self, name), name))
         self._validate()
@@ -84,6 +86,9 @@ class ModelSpec:
     def _validate(self) -> None:
         if self.canonical is not None and not isinstance(self.canonical, CanonicalSpec):
             raise SpecError(f"spec.canonical must be an object of settings or null; got {self.canonical!r}")
+        if self.tta_gate is not None and not isinstance(self.tta_gate, Gate):
+            raise SpecError(f"spec.tta_gate must be an object like {{\"metric\": \"margin\", \"below\": 0.5}} or null; "
+                            f"got {self.tta_gate!r}")
         if not isinstance(self.ood, OODSpec):
             raise SpecError(f"spec.ood must be an object of settings; got {self.ood!r}")
         if len(self.class_names) < 2 or not all(isinstance(c, str) and c for c in self.class_names):
@@ -151,7 +156,7 @@ class ModelSpec:
             return self
         merged = self.to_dict()
         for key, value in overrides.items():
-            if key in ("limits", "canonical", "ood") and isinstance(value, Mapping) and merged.get(key):
+            if key in ("limits", "canonical", "ood", "tta_gate") and isinstance(value, Mapping) and merged.get(key):
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value

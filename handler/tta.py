@@ -10,12 +10,17 @@ View names (``spec.tta`` / ``handler.tta`` in model-config.yaml):
 - ``hflip`` / ``vflip``: mirror left-right / top-bottom
 - ``shift(dx,dy)``: move the content by whole pixels (``shift(2,0)`` = 2 px right)
 - ``zoom(f)``: scale about the centre (``zoom(1.1)`` zooms in 10 %, ``zoom(0.9)`` out)
+
+A ``Gate`` (``spec.tta_gate``) spends the extra views only where they can matter: every
+image gets the identity view; only those whose identity answer is not confident (its
+top-1 probability, or its top-1 minus top-2 margin, below ``below``) get the others.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from handler.errors import SpecError
 
 MERGE_RULES = ("mean_prob", "mean_logit")
+GATE_METRICS = ("top1", "margin")
 
 View = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -110,3 +116,34 @@ def merge(logits: torch.Tensor, rule: str, temperature: float = 1.0) -> torch.Te
 def split_views(text: str) -> tuple[str, ...]:
     """'identity,hflip,shift(1,0)' -> ('identity', 'hflip', 'shift(1,0)'): commas inside () stay."""
     return tuple(v.strip() for v in re.findall(r"[^,(]+(?:\([^)]*\))?", text) if v.strip())
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Which images get the extra TTA views (``spec.tta_gate``; null: every image that asks).
+
+    The score is read from the identity view's temperature-scaled probabilities: ``top1``
+    (the top-1 probability) or ``margin`` (top-1 minus top-2). An image whose score is
+    below ``below`` gets every view; the others keep their identity answer.
+    """
+
+    metric: str = "margin"
+    below: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.metric not in GATE_METRICS:
+            raise SpecError(f"tta_gate.metric must be one of {', '.join(GATE_METRICS)}; got {self.metric!r}")
+        if isinstance(self.below, bool) or not isinstance(self.below, (int, float)) or not 0.0 <= self.below <= 1.0:
+            raise SpecError(f"tta_gate.below must be a number in [0, 1] (0: no image gets the extra views, "
+                            f"1: nearly all); got {self.below!r}")
+
+    def score(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, K) probabilities -> (N,) confidence score of the gate's metric."""
+        if self.metric == "top1":
+            return probs.max(dim=-1).values
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
+    def opens(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the images not confident enough on the identity view alone."""
+        return self.score(probs) < self.below

@@ -80,7 +80,7 @@ class TTAClassifierHandler(BaseHandler):
 
     def postprocess(self, data):
         output, labels, confidences, rejected = [], [], [], []
-        uncertain = disagree = ood = 0
+        uncertain = disagree = ood = augmented = 0
         for idx, (slot, result) in enumerate(data):
             status, phrase, body, answers = render(slot, result, self.spec, self.policy.names, self.version,
                                                    self.model_name)
@@ -98,6 +98,7 @@ class TTAClassifierHandler(BaseHandler):
                 uncertain += item["uncertain"]
                 ood += item["out_of_distribution"]
                 disagree += image.disagree
-        self.quality.predictions(labels, confidences, uncertain, disagree, ood)
+                augmented += image.n_views > 1
+        self.quality.predictions(labels, confidences, uncertain, disagree, ood, augmented)
         self.quality.rejected(rejected)
         return output

@@ -288,6 +288,7 @@ CONF_MEAN = "model_version:confidence:mean"
 UNCERTAIN = "model_version:uncertain:ratio"
 OOD = "model_version:out_of_distribution:ratio"
 DISAGREE = "model_version:tta_disagreement:ratio"
+AUGMENTED = "model_version:tta_augmented:ratio"  # share of answers the TTA gate sent through the extra views
 PSI = "model_version:drift:psi"
 PSI_MAX = "model_version:drift:psi_max"
 REQUESTS = "job:requests:increase"
@@ -361,7 +362,7 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
                           f" / sum by ({MV}) (rate(TopConfidence_count{{{sel}}}[{w}]))"),
     ]
     for record, metric in ((UNCERTAIN, "UncertainPredictions"), (OOD, "OutOfDistributionPredictions"),
-                           (DISAGREE, "TTADisagreement")):
+                           (DISAGREE, "TTADisagreement"), (AUGMENTED, "TTAAugmented")):
         quality.append(Record(record, f"(sum by ({MV}) (increase({metric}{{{sel}}}[{w}])) or 0 * {PRED}) / {PRED}"))
     if d.ood_ref_smoothed:
         e_in, e_out = d.ood_ref_smoothed

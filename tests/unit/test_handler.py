@@ -97,6 +97,17 @@ def test_model_config_handler_section_overrides_the_spec(tiny_model_dir):
     assert bodies[0]["tta_views"] == 2 and len(bodies[0]["top_k"]) == 5 and bodies[0]["uncertain"] is True
 
 
+def test_model_config_sets_the_tta_gate_and_describe_reports_it(tiny_model_dir):
+    gate = {"metric": "top1", "below": 0.0}  # closed: no image is below 0
+    ctx = make_context(tiny_model_dir, {"minWorkers": 1, "maxWorkers": 1, "handler": {"tta_gate": gate}})
+    handler = TTAClassifierHandler()
+    handler.initialize(ctx)
+    _, bodies = run_batch(handler, ctx, [({"body": image(6)}, {}), ({"body": image(6)}, {"X-TTA": "all"}),
+                                         ({"body": b""}, {"describe": "True"})])
+    assert [b["tta_views"] for b in bodies[:2]] == [1, 4]
+    assert bodies[2]["tta"]["gate"] == gate
+
+
 def test_an_unknown_model_config_setting_fails_at_load_naming_valid_ones(tiny_model_dir):
     from handler.errors import SpecError
 

@@ -188,8 +188,9 @@ BAD = [  # (request, headers, status, type, fragment of the message)
     ({"body": {"image": b64(_png(2)), "top_k": 0}}, JSON, 400, "InvalidOption", "from 1 to 10; got 0"),
     ({"body": {"image": b64(_png(2)), "top_k": "three"}}, JSON, 400, "InvalidOption", "from 1 to 10"),
     ({"body": {"image": b64(_png(2)), "top_k": True}}, JSON, 400, "InvalidOption", "from 1 to 10"),
-    ({"body": {"image": b64(_png(2)), "tta": "yes"}}, JSON, 400, "InvalidOption", '"tta" must be true or false'),
-    ({"body": _png(2)}, {"X-TTA": "sometimes"}, 400, "InvalidOption", "on, true, 1, yes, off, false, 0, no"),
+    ({"body": {"image": b64(_png(2)), "tta": "often"}}, JSON, 400, "InvalidOption", '"tta" must be one of on, true'),
+    ({"body": {"image": b64(_png(2)), "tta": 1}}, JSON, 400, "InvalidOption", '"tta" must be true, false or one of'),
+    ({"body": _png(2)}, {"X-TTA": "sometimes"}, 400, "InvalidOption", "on, true, 1, yes, off, false, 0, no, all"),
     ({"body": _png(2)}, {"X-Top-K": "\u00b9"}, 400, "InvalidOption", "from 1 to 10"),  # isdigit() but not int()
     ({"body": _png(2)}, {"X-Top-K": "9" * 5000}, 400, "InvalidOption", "from 1 to 10"),  # over int()'s digit limit
     ({"body": b'{"image": "x", "top_k": ' + b"9" * 5000 + b"}"}, {}, 400, "InvalidJSON", "not valid JSON"),
