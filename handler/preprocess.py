@@ -238,10 +238,13 @@ def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
         short, long_ = (w, h) if w <= h else (h, w)
         new_short, new_long = spec.resize_size, max(1, int(spec.resize_size * long_ / short))
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        img = img.resize((new_w, new_h), Image.BILINEAR)
         top = int(round((new_h - height) / 2.0))
         left = int(round((new_w - width) / 2.0))
-        return img.crop((left, top, left + width, top + height))
+        # Resize only the centre crop's source region (``box``): the same sampling grid as resizing the whole
+        # image to (new_w, new_h) and cropping, within one 8-bit level, at a fraction of the pixels.
+        sx, sy = w / new_w, h / new_h
+        return img.resize((width, height), Image.BILINEAR,
+                          box=(left * sx, top * sy, (left + width) * sx, (top + height) * sy))
     # "pad": fit inside the input size keeping the aspect ratio, centre on the background.
     scale = min(width / w, height / h)
     new_w, new_h = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))

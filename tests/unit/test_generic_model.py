@@ -98,6 +98,21 @@ def test_the_photo_is_resized_to_256_and_centre_cropped_to_224(resnet_handler):
     assert float(red[:, -1].mean()) == pytest.approx(507 / 640, abs=0.03)
 
 
+@pytest.mark.parametrize("size", [(640, 427), (427, 640), (300, 300), (1001, 257)])
+def test_resizing_only_the_crop_region_equals_resizing_the_whole_photo_then_cropping(resnet_handler, size):
+    from handler.preprocess import resize
+
+    spec = resnet_handler[0].spec
+    img = Image.open(io.BytesIO(photo_jpeg(*size))).convert("RGB")
+    w, h = img.size
+    new_w, new_h = (spec.resize_size, int(spec.resize_size * h / w)) if w <= h else (int(spec.resize_size * w / h), spec.resize_size)
+    left, top = int(round((new_w - 224) / 2.0)), int(round((new_h - 224) / 2.0))
+    whole = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 224, top + 224))
+    assert resize(img, spec).size == (224, 224)
+    diff = np.abs(np.asarray(resize(img, spec), dtype=int) - np.asarray(whole, dtype=int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_describe_reports_the_resnet_contract(resnet_handler):
     handler, ctx = resnet_handler
     statuses, (body,) = run_batch(handler, ctx, [({"body": b""}, {"describe": "true"})])
