@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 
 mar: $(MAR)
-$(MAR): $(STAMP) models/fashion_cnn.pt $(HANDLER)
+# The int8 variant (scripts/train/export.py writes it) travels in the archive when it exists.
+$(MAR): $(STAMP) models/fashion_cnn.pt $(wildcard models/fashion_cnn.int8.pt) $(HANDLER)
 	$(PY) -m scripts.deploy.package
 
 serve: $(MAR)
@@ -52,7 +53,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-# Reproduce models/fashion_cnn.pt: DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
+# Reproduce models/fashion_cnn.pt (and models/fashion_cnn.int8.pt): DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
 train: $(STAMP)
 	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
 	$(PY) -m scripts.train.export

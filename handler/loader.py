@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +19,11 @@ from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
 
 GOLDEN_FILENAME = "golden.json"
 EXTRA_FILES = (SPEC_FILENAME, REFERENCE_FILENAME, OOD_FILENAME, GOLDEN_FILENAME)
+# The int8 variant scripts/train/export.py writes beside a model: <stem>.int8.pt, with quantization.json
+# (engine, qconfig, its agreement with fp32) among its extra files.
+QUANTIZATION_FILENAME = "quantization.json"
+INT8_SUFFIX = ".int8.pt"
+PRECISIONS = ("fp32", "int8")
 # Methods a scripted model may offer besides forward; freezing must keep them.
 FEATURE_METHODS = ("forward_features", "head")
 
@@ -34,7 +40,7 @@ class Artifact(NamedTuple):
 logger = logging.getLogger(__name__)
 
 # handler: keys in model-config.yaml that configure the worker rather than the spec.
-WORKER_KEYS = ("threads", "optimize")
+WORKER_KEYS = ("threads", "optimize", "precision")
 
 
 def resolve_threads(setting: Any, workers: int) -> int:
@@ -46,12 +52,26 @@ def resolve_threads(setting: Any, workers: int) -> int:
     raise SpecError(f"handler.threads must be 'auto' or a positive integer; got {setting!r}")
 
 
-def read_model(path: Path, model_dir: Path | None = None) -> Artifact:
+def int8_path(path: Path) -> Path:
+    """Where the int8 variant of a TorchScript file lives: ``<stem>.int8.pt`` beside it."""
+    return path.with_name(path.stem + INT8_SUFFIX)
+
+
+def read_extra_file(path: Path, name: str) -> str | None:
+    """One extra file of a TorchScript archive, read without loading the model (None if absent)."""
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            if member.endswith(f"/extra/{name}"):
+                return archive.read(member).decode("utf-8")
+    return None
+
+
+def read_model(path: Path, model_dir: Path | None = None, sidecars: bool = True) -> Artifact:
     """Load a TorchScript file with its spec (and reference, OOD parameters, golden answers) from its extra files.
 
     A file of the same name next to the model (inside the archive) is used when the
     TorchScript file carries none, so any scripted classifier can be served by
-    packaging a spec beside it.
+    packaging a spec beside it (``sidecars=False``: the file's own extra files only).
     """
     extra = dict.fromkeys(EXTRA_FILES, "")
     with warnings.catch_warnings():
@@ -61,7 +81,7 @@ def read_model(path: Path, model_dir: Path | None = None) -> Artifact:
     for name, value in extra.items():
         text = value.decode("utf-8") if isinstance(value, bytes) else value
         side = (model_dir or path.parent) / name
-        if not text and side.is_file():
+        if not text and sidecars and side.is_file():
             text = side.read_text()
         texts[name] = text
     if not texts[SPEC_FILENAME]:
@@ -111,9 +131,35 @@ def optimized(model, spec: ModelSpec, device: torch.device, tolerance: float = 1
 
 
 class Loaded(NamedTuple):
-    artifact: Artifact  # as read, with the spec after the handler: overrides
-    model: torch.jit.ScriptModule  # what serves: frozen and optimised unless handler.optimize is false
+    artifact: Artifact  # the fp32 model as read (explanations need its gradients), with the spec after the handler: overrides
+    model: torch.jit.ScriptModule  # what serves (fp32 or int8): frozen and optimised unless handler.optimize is false
     device: torch.device
+    golden: list  # golden inputs with the answers the exporter saw from the model that serves
+    precision: str = "fp32"
+
+
+def read_int8(path: Path, fp32: Artifact) -> tuple[Artifact, dict]:
+    """The int8 variant of ``fp32`` and its quantization.json; sets torch's quantised engine to the one it was made for."""
+    if not path.is_file():
+        raise SpecError(f"handler.precision is int8 but the archive has no {path.name}: export it with "
+                        "`python -m scripts.train.export` (writes <stem>.int8.pt beside the model) and package again "
+                        "(scripts/deploy/package.py includes it), or set precision: fp32")
+    text = read_extra_file(path, QUANTIZATION_FILENAME)
+    if not text:
+        raise SpecError(f"{path.name} carries no {QUANTIZATION_FILENAME}: it was not written by scripts/train/export.py")
+    info = json.loads(text)
+    engine = info.get("engine")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise SpecError(f"{path.name} was quantised for the {engine!r} engine, which this torch build does not support "
+                        f"(supported: {', '.join(torch.backends.quantized.supported_engines)}); set precision: fp32")
+    torch.backends.quantized.engine = engine  # before loading: the int8 weights are packed for it at load
+    artifact = read_model(path, sidecars=False)
+    if artifact.spec != fp32.spec:
+        raise SpecError(f"{path.name} carries another spec.json than the fp32 model: it was exported from another "
+                        "model; export both again with `python -m scripts.train.export`")
+    if fp32.golden and not artifact.golden:
+        raise SpecError(f"{path.name} carries no {GOLDEN_FILENAME}; export it again with `python -m scripts.train.export`")
+    return artifact, info
 
 
 def load(context) -> Loaded:
@@ -123,18 +169,18 @@ def load(context) -> Loaded:
     if not serialized or not serialized.endswith(".pt"):
         raise SpecError(f"the archive's serialized file must be a TorchScript .pt file; got {serialized!r}")
     artifact = read_model(model_dir / serialized, model_dir)
-    model, spec = artifact.model, artifact.spec
+    spec = artifact.spec
 
     yaml_config = getattr(context, "model_yaml_config", None) or {}
     settings = dict(yaml_config.get("handler") or {})
     worker_settings = {k: settings.pop(k) for k in WORKER_KEYS if k in settings}
     spec = spec.with_overrides(settings)
-    if spec.ood.method == "features" and not has_method(model, "forward_features"):
-        raise SpecError("spec.ood.method is 'features' but the model has no forward_features method; "
-                        "export it with one (see scripts/train/model.py) or use method 'energy'")
-    if spec.ood.method == "features" and artifact.ood is None:
-        raise SpecError(f"spec.ood.method is 'features' but the model carries no {OOD_FILENAME}; "
-                        "export it with scripts/train/export.py or use method 'energy'")
+    precision = worker_settings.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise SpecError(f"handler.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    optimize = worker_settings.get("optimize", True)
+    if not isinstance(optimize, bool):
+        raise SpecError(f"handler.optimize must be true or false; got {optimize!r}")
 
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
     threads = resolve_threads(worker_settings.get("threads", "auto"), workers)
@@ -142,17 +188,30 @@ def load(context) -> Loaded:
 
     gpu_id = context.system_properties.get("gpu_id")
     device = torch.device(f"cuda:{gpu_id}") if torch.cuda.is_available() and gpu_id is not None else torch.device("cpu")
-    model = model.to(device).eval()
+    if precision == "int8" and device.type != "cpu":
+        logger.warning("handler.precision is int8, but torch's int8 kernels run on the CPU only: serving fp32 on %s", device)
+        precision = "fp32"
+    model, golden, how = artifact.model.to(device).eval(), artifact.golden, ""
+    if precision == "int8":
+        int8, info = read_int8(int8_path(model_dir / serialized), artifact)
+        model, golden = int8.model.eval(), int8.golden
+        how = f" ({info.get('engine')} engine)"
+    if spec.ood.method == "features" and not has_method(model, "forward_features"):
+        raise SpecError("spec.ood.method is 'features' but the model has no forward_features method; "
+                        "export it with one (see scripts/train/model.py) or use method 'energy'")
+    if spec.ood.method == "features" and artifact.ood is None:
+        raise SpecError(f"spec.ood.method is 'features' but the model carries no {OOD_FILENAME}; "
+                        "export it with scripts/train/export.py or use method 'energy'")
+
     check_model(model, spec, device)  # the model as exported: refuse dropout left on before anything else
-    optimize = worker_settings.get("optimize", True)
-    if not isinstance(optimize, bool):
-        raise SpecError(f"handler.optimize must be true or false; got {optimize!r}")
+    # int8 too: its BatchNorms are already folded, but freezing inlines the packed weights; measured
+    # slightly faster than as exported (python -m scripts.train.quantize, docs/int8.md), same answers.
     if optimize:
         model = optimized(model, spec, device)
         check_model(model, spec, device)
     logger.info(
-        "Loaded %s (%d classes, input %s, TTA %s, merge %s) on %s with %d thread(s), %s",
-        serialized, spec.num_classes, spec.input_size, list(spec.tta), spec.merge, device, threads,
+        "Loaded %s (%d classes, input %s, TTA %s, merge %s) on %s with %d thread(s): serving %s%s, %s",
+        serialized, spec.num_classes, spec.input_size, list(spec.tta), spec.merge, device, threads, precision, how,
         "optimised for inference" if optimize else "as exported",
     )
-    return Loaded(artifact._replace(spec=spec), model, device)
+    return Loaded(artifact._replace(spec=spec), model, device, golden, precision)

@@ -37,7 +37,9 @@ class TTAClassifierHandler(BaseHandler):
         self.model, self.device = loaded.model, loaded.device
         self.spec, self.reference = loaded.artifact.spec, loaded.artifact.reference
         self.policy = Policy.from_spec(self.spec, loaded.artifact.ood)
-        golden.require(loaded.artifact.golden, self.model, self.spec, self.policy, self.device)
+        # The served model (fp32 or int8) answers its own golden inputs; explanations always use the
+        # unfrozen fp32 model, which gradients flow through.
+        golden.require(loaded.golden, self.model, self.spec, self.policy, self.device)
         self.explainer = Explainer.build(loaded.artifact.model, self.spec, self.policy.fill.to(self.device))
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
         self.model_name = context.model_name

@@ -71,13 +71,18 @@ def write_manifest(model_dir: Path, name: str, serialized_file: str) -> Path:
     return model_dir
 
 
-def shipped_handler(model_dir: Path):
-    """The shipped model served by the handler in TorchServe's real Context, one worker, one thread: (handler, ctx)."""
+def shipped_handler(model_dir: Path, **handler_settings):
+    """The shipped model served by the handler in TorchServe's real Context, one worker, one thread: (handler, ctx).
+
+    ``handler_settings`` go to the config's ``handler:`` section (``precision="int8"``: the int8 variant,
+    copied into the model folder as the archive carries it)."""
     from handler.tta_classifier import TTAClassifierHandler
 
     shutil.copy(REPO / "models" / "fashion_cnn.pt", model_dir / "fashion_cnn.pt")
+    if (REPO / "models" / "fashion_cnn.int8.pt").exists():
+        shutil.copy(REPO / "models" / "fashion_cnn.int8.pt", model_dir / "fashion_cnn.int8.pt")
     ctx = make_context(write_manifest(model_dir, "fashion_cnn", "fashion_cnn.pt"),
-                       {"maxWorkers": 1, "handler": {"threads": 1}})
+                       {"maxWorkers": 1, "handler": {"threads": 1, **handler_settings}})
     handler = TTAClassifierHandler()
     handler.initialize(ctx)
     return handler, ctx

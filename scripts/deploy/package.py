@@ -5,7 +5,10 @@
 
 The archive holds the model (``.pt``), the handler entry point, the ``handler``
 package (shipped with ``--extra-files``), ``spec.json`` / ``reference.json``
-(copied out of the model, or ``--spec``), and ``model-config.yaml``.
+(copied out of the model, or ``--spec``), ``model-config.yaml``, and the int8
+variant ``<stem>.int8.pt`` when the exporter wrote one beside the model (served when
+the config's ``handler: precision:`` is ``int8``; packaging fails if it asks for one
+that is not there).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from handler.loader import read_model
+import yaml
+
+from handler.loader import PRECISIONS, int8_path, read_model
 from handler.spec import REFERENCE_FILENAME, SPEC_FILENAME, ModelSpec
 from scripts.train.data import REPO
 
@@ -52,7 +57,24 @@ def main(args: argparse.Namespace) -> Path:
         return _package(args, Path(tmp))
 
 
+def int8_variant(model: Path, config: Path) -> Path | None:
+    """The int8 file to ship beside ``model`` (None if there is none); fails if the config asks for int8 without one."""
+    handler = (yaml.safe_load(config.read_text()) or {}).get("handler") or {}
+    precision = handler.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise SystemExit(f"{config}: handler.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    int8 = int8_path(model)
+    if int8.is_file():
+        return int8
+    if precision == "int8":
+        raise SystemExit(f"{config} asks for handler.precision: int8 but there is no {int8} beside {model}: "
+                         "export it with `python -m scripts.train.export` (it writes <stem>.int8.pt), "
+                         "or package with a config that says precision: fp32")
+    return None
+
+
 def _package(args: argparse.Namespace, stage: Path) -> Path:
+    int8 = int8_variant(args.model, args.config)
     (stage / "extra").mkdir(parents=True)
     # The handler package travels as a folder: torch-model-archiver copies the
     # *contents* of an --extra-files folder, so stage it one level down.
@@ -65,6 +87,8 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
         (stage / "extra" / SPEC_FILENAME).write_text(spec.to_json())
         if reference:
             (stage / "extra" / REFERENCE_FILENAME).write_text(json.dumps(reference))
+    if int8 is not None:  # lands beside the serialized file in the model folder, where handler/loader.py looks
+        shutil.copy(int8, stage / "extra" / int8.name)
     # Build into the staging folder, then move: torch-model-archiver names the file after
     # --model-name, and building in the store would overwrite another version's archive.
     (stage / "out").mkdir()
@@ -83,7 +107,8 @@ def _package(args: argparse.Namespace, stage: Path) -> Path:
     args.export_path.mkdir(parents=True, exist_ok=True)
     target = args.export_path / f"{args.archive_name or args.name}.mar"
     shutil.move(stage / "out" / f"{args.name}.mar", target)
-    print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB): {spec.name} v{args.version}, TTA {list(spec.tta)}")
+    print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB): {spec.name} v{args.version}, TTA {list(spec.tta)}"
+          + (f", with {int8.name}" if int8 is not None else ""))
     return target
 
 

@@ -139,12 +139,18 @@ def test_custom_metrics_are_published_on_the_metrics_endpoint(client):
 
 
 def test_http_accuracy_on_the_held_out_split_equals_offline_accuracy(client, holdout, tmp_path):
+    import yaml
+
+    from handler.loader import int8_path
     from scripts.evaluate.http_accuracy import REPO, accuracy, holdout_pngs, http_predictions, offline_predictions
     from tests.conftest import DATA
 
     pngs, labels = holdout_pngs(DATA)
+    served = REPO / "models" / "fashion_cnn.pt"  # the file the shipped config's handler.precision serves
+    if (yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())["handler"] or {}).get("precision") == "int8":
+        served = int8_path(served)
     for tta in (False, True):
-        offline = offline_predictions(REPO / "models" / "fashion_cnn.pt", pngs, tta)
+        offline = offline_predictions(served, pngs, tta)
         online = http_predictions(client, "fashion_cnn", pngs, tta, concurrency=8)
         assert [p["class_index"] for p in online] == [p["class_index"] for p in offline]
         assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(online, offline)) < 1e-4
