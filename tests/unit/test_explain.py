@@ -73,7 +73,11 @@ def test_the_explanation_is_a_heatmap_overlay_and_input_at_the_input_resolution(
     h = np.asarray(heat)
     assert h.max() == 255 and h.min() >= 0 and (h > 0).mean() > 0.1  # scaled per image, not a few stray pixels
     assert not np.array_equal(np.asarray(over)[..., 0], np.asarray(over)[..., 2])  # coloured where it is hot
-    assert [v["view"] for v in body["views"]] == ["identity", "hflip"]  # the per-view breakdown stays
+    # The per-view breakdown lists the views this image got: a confident image passes the gate with one,
+    # X-TTA: all gives it every view of the spec's policy.
+    assert [v["view"] for v in body["views"]] == ["identity"] and body["tta_views"] == 1
+    _, bodies = run_batch(handler, ctx, [({"body": data}, {**EXPLAIN, "X-TTA": "all"})])
+    assert [v["view"] for v in bodies[0]["views"]] == list(handler.spec.tta) and len(handler.spec.tta) > 1
 
 
 def test_explain_class_by_header_name_or_json_index_changes_the_map(shipped):
