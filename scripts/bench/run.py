@@ -17,7 +17,8 @@ shows there) and docs/benchmarks.md is generated from them (scripts/bench/report
 Phases (each its own server; scenarios that are compared run back to back):
 
 - ``fashion``: Fashion CNN at the shipped model-config (batch 8, 2 workers): our
-  handler with TTA off / on (2 views, the default) / on (4 views), the naive
+  handler with TTA off / on (the spec's views, forced past the gate) / on (4 views), gated TTA on mixed
+  traffic (held-out images, as many unsure ones as the held-out split has), int8 and fp32, the naive
   tutorial handler (scripts/bench/handlers/naive_handler.py) off / 2 / 4 views, the no-op handler
   (scripts/bench/handlers/noop_handler.py); concurrency 1, 8, 32.
 - ``sweep``: our handler, TTA on, batch size 1/8/16 x workers 1/2; concurrency 1, 8, 16, 32.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import platform
 import re
@@ -47,6 +49,7 @@ import psutil
 import tomllib
 import yaml
 
+from handler.loader import read_model
 from scripts.deploy.harness import Server, write_config
 from scripts.ops.tsclient import TorchServeClient
 from scripts.train.data import REPO
@@ -58,6 +61,7 @@ FASHION_IMAGE = REPO / "examples" / "ankle_boot.png"
 SHIPPED_CONFIG = REPO / "handler" / "model-config.yaml"
 VIEWS4 = ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
 OFF = {"X-TTA": "off"}
+ALL = {"X-TTA": "all"}  # every view for every image, whatever the gate
 NAIVE_LIKE_OURS = {"naive": {"threads": "auto", "optimize": True}}  # our thread split and frozen model
 
 
@@ -166,8 +170,6 @@ def archive(kind: str, name: str, store: Path, config: Path, model: Path | None 
 
 def fashion_spec_file(workdir: Path) -> Path:
     """The Fashion CNN's spec.json, copied out of the .pt (what package.py puts in the archive)."""
-    from handler.loader import read_model
-
     spec = read_model(FASHION_PT).spec
     path = workdir / "fashion_spec" / "spec.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +311,52 @@ def hey(srv, model: str, body: Path, content_type: str, headers: dict, concurren
     return parse_hey(out.stdout)
 
 
+def hey_mix(srv, model: str, bodies: list[Path], content_type: str, headers: dict, concurrency: int,
+            seconds: float) -> dict:
+    """Traffic over several images at once: one ``hey -o csv`` per image, the concurrency split evenly
+    between them, all started together; throughput and percentiles from every request's own row."""
+    url = f"{srv.client.endpoints.inference}/predictions/{model}"
+    if not url.startswith("http://127.0.0.1:"):
+        raise RuntimeError(f"refusing to load anything but loopback: {url}")
+    n = min(len(bodies), concurrency)
+    shares = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
+    procs = []
+    for body, c in zip(bodies[:n], shares):
+        cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body), "-t", "60",
+               "-o", "csv", "-H", f"Authorization: Bearer {srv.client.key('inference')}"]
+        for k, v in headers.items():
+            cmd += ["-H", f"{k}: {v}"]
+        procs.append(subprocess.Popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    latencies, statuses, per_body, end = [], {}, [], 0.0
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hey failed ({proc.returncode}): {err[-2000:]}")
+        ok = 0
+        for line in out.splitlines()[1:]:  # response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
+            cells = line.split(",")
+            if len(cells) < 8:
+                continue
+            latency, code, offset = float(cells[0]), int(cells[6]), float(cells[7])
+            latencies.append(latency * 1000)
+            statuses[code] = statuses.get(code, 0) + 1
+            ok += code == 200
+            end = max(end, offset + latency)
+        per_body.append(ok)
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, math.ceil(p / 100 * len(latencies)) - 1)] if latencies else None
+
+    total_s = max(end, seconds)
+    ok = statuses.get(200, 0)
+    non_200 = sum(v for k, v in statuses.items() if k != 200)
+    return {"total_s": total_s, "requests_per_s": len(latencies) / total_s, "ok_per_s": ok / total_s,
+            "mean_ms": sum(latencies) / len(latencies) if latencies else 0.0, "slowest_ms": latencies[-1] if latencies else 0.0,
+            "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "responses": len(latencies), "status": statuses,
+            "non_200": non_200, "errors": {}, "error_count": non_200, "ok_per_body": per_body}
+
+
 @dataclass
 class Scenario:
     phase: str
@@ -320,7 +368,7 @@ class Scenario:
     tta_views: int = 1
     batch: int = 8
     workers: int = 2
-    body: str = "fashion"  # fashion | photo
+    body: str = "fashion"  # fashion | photo | mix (several held-out images at once: hey_mix)
     threads: int | str = "auto"  # handler: threads in the model-config
 
 
@@ -335,6 +383,7 @@ def combine(rounds: list[dict]) -> dict:
 
     total_s = sum(r["total_s"] or 0 for r in rounds)
     ok = sum(r["status"].get(200, 0) for r in rounds)
+    per_body = [sum(v) for v in zip(*(r["ok_per_body"] for r in rounds))] if "ok_per_body" in rounds[0] else None
     errors: dict = {}
     for r in rounds:
         for k, v in r["errors"].items():
@@ -356,6 +405,7 @@ def combine(rounds: list[dict]) -> dict:
         "errors": errors,
         "error_count": sum(r["error_count"] for r in rounds),
         "rounds": rounds,
+        **({"ok_per_body": per_body} if per_body is not None else {}),
     }
 
 
@@ -376,10 +426,11 @@ def run_scenarios(srv, scenarios: list[Scenario], bodies: dict, seconds: float, 
         for r in range(rounds):
             for i, sc in enumerate(group):
                 body, content_type = bodies[sc.body]
+                drive = hey_mix if isinstance(body, list) else hey
                 if r == 0 and warmup > 0:
-                    hey(srv, sc.model, body, content_type, sc.headers, conc, warmup)
+                    drive(srv, sc.model, body, content_type, sc.headers, conc, warmup)
                 loads[i].append([round(v, 2) for v in os.getloadavg()])
-                res = hey(srv, sc.model, body, content_type, sc.headers, conc, seconds / rounds)
+                res = drive(srv, sc.model, body, content_type, sc.headers, conc, seconds / rounds)
                 res["load_avg_start"] = loads[i][-1]
                 per_round[i].append(res)
         for i, sc in enumerate(group):
@@ -458,15 +509,49 @@ def check_same_answers(srv, models: list[str], image: Path, headers: dict | None
 
 # --- phases -----------------------------------------------------------------------------------------
 
+def mix_bodies(srv, model: str, workdir: Path, n: int = 8) -> tuple[list[Path], dict]:
+    """``n`` held-out Fashion-MNIST images for mixed traffic, as many of them unsure (answered with the extra
+    TTA views under the shipped gate) as the held-out split has: every held-out image is sent to ``model``
+    once and its ``tta_views`` read, so the share comes from the server itself."""
+    import io
+
+    from PIL import Image
+
+    from scripts.train.data import DEFAULT_DATA, load_idx_dir, split
+
+    data = load_idx_dir(DEFAULT_DATA)
+    held = split(data, seed=0).holdout
+    pngs, views = [], []
+    for i in held:
+        buffer = io.BytesIO()
+        Image.fromarray(data.images[i], mode="L").save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+        views.append(json.loads(srv.client.predict(model, pngs[-1]).text)["tta_views"])
+    unsure = [i for i, v in enumerate(views) if v > 1]
+    share = len(unsure) / len(views)
+    k = round(n * share)
+    picked = unsure[:k] + [i for i, v in enumerate(views) if v == 1][: n - k]
+    folder = workdir / "mix"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in picked:
+        paths.append(folder / f"holdout_{held[i]}.png")
+        paths[-1].write_bytes(pngs[i])
+    return paths, {"holdout_images": len(views), "holdout_augmented_share": share, "images": [p.name for p in paths],
+                   "augmented": [views[i] > 1 for i in picked], "tta_views": [views[i] for i in picked]}
+
+
 def phase_fashion(ctx: dict, results: list, extra: dict) -> None:
     wd, cfg = ctx["workdir"], ctx["workdir"] / "configs"
     spec = fashion_spec_file(wd)
     shipped = derive_config(cfg / "fashion.yaml")
+    fp32 = derive_config(cfg / "fashion-fp32.yaml", precision="fp32")
     four = derive_config(cfg / "fashion-4view.yaml", tta=VIEWS4)
     shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top=NAIVE_LIKE_OURS)
     four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top=NAIVE_LIKE_OURS, tta=VIEWS4)
     archives = [
         {"kind": "ours", "name": "fashion_cnn", "config": shipped, "model": FASHION_PT},
+        {"kind": "ours", "name": "fashion_cnn_fp32", "config": fp32, "model": FASHION_PT},
         {"kind": "ours", "name": "fashion_cnn_4v", "config": four, "model": FASHION_PT},
         {"kind": "naive", "name": "naive_fashion", "config": shipped, "model": FASHION_PT, "extra": [spec]},
         {"kind": "naive", "name": "naive_fashion_4v", "config": four, "model": FASHION_PT, "extra": [spec]},
@@ -477,30 +562,42 @@ def phase_fashion(ctx: dict, results: list, extra: dict) -> None:
     srv = start_server(wd / "srv_fashion", archives)
     try:
         extra["fashion_answers"] = {
-            "tta_on": check_same_answers(srv, ["fashion_cnn", "naive_fashion"], FASHION_IMAGE),
-            "tta_on_4v": check_same_answers(srv, ["fashion_cnn_4v", "naive_fashion_4v"], FASHION_IMAGE),
-            "tta_off": check_same_answers(srv, ["fashion_cnn", "naive_fashion"], FASHION_IMAGE, OFF),
+            "tta_on": check_same_answers(srv, ["fashion_cnn_fp32", "naive_fashion"], FASHION_IMAGE, ALL),
+            "tta_on_4v": check_same_answers(srv, ["fashion_cnn_4v", "naive_fashion_4v"], FASHION_IMAGE, ALL),
+            "tta_off": check_same_answers(srv, ["fashion_cnn_fp32", "naive_fashion"], FASHION_IMAGE, OFF),
         }
+        paths, extra["mix"] = mix_bodies(srv, "fashion_cnn", wd)
+        views = len(read_model(FASHION_PT).spec.tta)
+        extra["default_views"] = views
+        bodies = {**ctx["bodies"], "mix": (paths, "image/png")}
         scenarios = []
         for c in ctx["conc"]:
             scenarios += [
                 Scenario("fashion", "ours", "ours, TTA off", "fashion_cnn", c, OFF, 1),
-                Scenario("fashion", "ours", "ours, TTA on (2 views)", "fashion_cnn", c, {}, 2),
-                Scenario("fashion", "ours", "ours, TTA on (4 views)", "fashion_cnn_4v", c, {}, 4),
+                Scenario("fashion", "ours", "ours fp32, TTA off", "fashion_cnn_fp32", c, OFF, 1),
+                Scenario("fashion", "ours", "ours, TTA on (default views)", "fashion_cnn", c, ALL, views),
+                Scenario("fashion", "ours", "ours, TTA on (4 views)", "fashion_cnn_4v", c, ALL, 4),
                 Scenario("fashion", "naive", "naive, TTA off", "naive_fashion", c, OFF, 1),
-                Scenario("fashion", "naive", "naive, TTA on (2 views)", "naive_fashion", c, {}, 2),
+                Scenario("fashion", "naive", "naive, TTA on (default views)", "naive_fashion", c, {}, views),
                 Scenario("fashion", "naive", "naive, TTA on (4 views)", "naive_fashion_4v", c, {}, 4),
                 Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA off", "naive_fashion_t", c, OFF, 1),
-                Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA on (2 views)", "naive_fashion_t", c, {}, 2),
+                Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA on (default views)", "naive_fashion_t", c, {}, views),
                 Scenario("fashion", "naive_t", "naive + our threads & frozen model, TTA on (4 views)", "naive_fashion_4v_t", c, {}, 4),
                 Scenario("fashion", "noop", "no-op handler", "noop", c, {}, 0),
             ]
-        run_scenarios(srv, scenarios, ctx["bodies"], ctx["seconds"], ctx["warmup"], results, ctx["rounds"])
+            if c > 1:  # mixed traffic needs a client per image at least
+                scenarios += [
+                    Scenario("fashion", "ours", "ours, mix, TTA off", "fashion_cnn", c, OFF, 1, body="mix"),
+                    Scenario("fashion", "ours", "ours, mix, gated TTA (default)", "fashion_cnn", c, {}, views, body="mix"),
+                    Scenario("fashion", "ours", "ours, mix, full TTA (every view)", "fashion_cnn", c, ALL, views, body="mix"),
+                    Scenario("fashion", "ours", "ours fp32, mix, gated TTA", "fashion_cnn_fp32", c, {}, views, body="mix"),
+                ]
+        run_scenarios(srv, scenarios, bodies, ctx["seconds"], ctx["warmup"], results, ctx["rounds"])
         extra.setdefault("memory", {})["fashion"] = worker_memory(srv, [a["name"] for a in archives])
         # Where a worker's time goes (after the measurements, so sampling cannot disturb them).
         top = max(ctx["conc"])
         for sc in scenarios:
-            if sc.concurrency == top and sc.label in ("ours, TTA off", "ours, TTA on (4 views)",
+            if sc.concurrency == top and sc.label in ("ours, TTA off", "ours fp32, TTA off", "ours, TTA on (4 views)",
                                                       "naive + our threads & frozen model, TTA on (4 views)", "no-op handler"):
                 extra.setdefault("profiles", []).append(spy_profile(srv, sc, ctx["bodies"], ctx["profile_seconds"]))
     finally:
@@ -524,7 +621,8 @@ def phase_sweep(ctx: dict, results: list, extra: dict) -> None:
             for a in archives:
                 label = (f"ours, TTA on, batch {a['batch']}, {a['workers']} worker{'s' if a['workers'] > 1 else ''}, "
                          f"threads {a['threads']}")
-                sc = Scenario("sweep", "ours", label, a["name"], c, {}, 2, a["batch"], a["workers"])
+                sc = Scenario("sweep", "ours", label, a["name"], c, ALL, len(read_model(FASHION_PT).spec.tta), a["batch"],
+                              a["workers"])
                 sc.threads = a["threads"]
                 scenarios.append(sc)
         run_scenarios(srv, scenarios, ctx["bodies"], ctx["seconds"], ctx["warmup"], results, ctx["rounds"])
@@ -540,7 +638,7 @@ def resnet_archives(ctx: dict, batches=(1, 8), builtin_only: bool = False) -> li
     cfg = ctx["workdir"] / "configs"
     archives = []
     for b in batches:
-        config = derive_config(cfg / f"resnet18_b{b}.yaml", b, 2)
+        config = derive_config(cfg / f"resnet18_b{b}.yaml", b, 2, precision="fp32")  # no int8 ResNet: raw vs ours in fp32
         if not builtin_only:
             archives.append({"kind": "ours", "name": f"resnet18_b{b}", "config": config, "model": paths["model"],
                              "spec": paths["spec"], "batch": b})
@@ -630,6 +728,8 @@ def phase_inproc(ctx: dict, extra: dict) -> None:
     shipped = derive_config(cfg / "fashion.yaml")
     four = derive_config(cfg / "fashion-4view.yaml", tta=VIEWS4)
     fashion = archive("ours", "fashion_cnn", store, shipped, FASHION_PT)
+    fashion32 = archive("ours", "fashion_cnn_fp32", store, derive_config(cfg / "fashion-fp32.yaml", precision="fp32"),
+                        FASHION_PT)
     fashion4 = archive("ours", "fashion_cnn_4v", store, four, FASHION_PT)
     shipped_t = derive_config(cfg / "fashion-naive-threads.yaml", top=NAIVE_LIKE_OURS)
     four_t = derive_config(cfg / "fashion-4view-naive-threads.yaml", top=NAIVE_LIKE_OURS, tta=VIEWS4)
@@ -638,9 +738,9 @@ def phase_inproc(ctx: dict, extra: dict) -> None:
     img = ctx["bodies"]["fashion"][0]
     # One worker of the shipped 2-worker setup: 1 torch thread each (ours and naive + our threads set it).
     cases = [
-        f"ours, TTA off={fashion}:{img}:X-TTA=off", f"ours, TTA on (2 views)={fashion}:{img}",
-        f"ours, TTA on (4 views)={fashion4}:{img}", f"naive + our threads & frozen model, TTA off={naive}:{img}:X-TTA=off",
-        f"naive + our threads & frozen model, TTA on (2 views)={naive}:{img}", f"naive + our threads & frozen model, TTA on (4 views)={naive4}:{img}",
+        f"ours, TTA off={fashion}:{img}:X-TTA=off", f"ours fp32, TTA off={fashion32}:{img}:X-TTA=off",
+        f"ours, TTA on (default views)={fashion}:{img}:X-TTA=all", f"ours, TTA on (4 views)={fashion4}:{img}:X-TTA=all", f"naive + our threads & frozen model, TTA off={naive}:{img}:X-TTA=off",
+        f"naive + our threads & frozen model, TTA on (default views)={naive}:{img}", f"naive + our threads & frozen model, TTA on (4 views)={naive4}:{img}",
     ]
     photo_path = ctx["bodies"]["photo"][0]
     for a in resnet_archives(ctx, batches=(8,)):
@@ -657,6 +757,21 @@ def phase_inproc(ctx: dict, extra: dict) -> None:
         cmd += ["--case", c]
     subprocess.run(cmd, cwd=REPO, check=True)
     extra["inproc"]["cases"] = json.loads(out.read_text())["cases"]
+
+
+def tta_accuracy() -> dict | None:
+    """The shipped gate's accuracy against full TTA, from scripts.evaluate.tta's docs/tta.json (for the targets)."""
+    path = REPO / "docs" / "tta.json"
+    if not path.exists():
+        return None
+    gates = json.loads(path.read_text())["gates"]
+    if not gates.get("chosen"):
+        return None
+    pick = next(r for r in gates["rows"] if r["metric"] == gates["chosen"]["metric"] and r["below"] == gates["chosen"]["below"])
+    return {"gate": f"{pick['metric']} < {pick['below']}", "sets": {
+        name: {"gated": pick[name]["accuracy"], "full": pick[name]["accuracy"] - pick[name]["delta_full"],
+               "delta_full": pick[name]["delta_full"], "augmented": pick[name]["augmented"]}
+        for name in ("holdout", "holdout_photos")}}
 
 
 # --- machine ----------------------------------------------------------------------------------------
@@ -719,7 +834,7 @@ def main(args: argparse.Namespace) -> dict:
         "inproc_seconds": 1.0 if quick else 3.0,
         "rounds": 1 if quick else 2,
         "profile_seconds": 3.0 if quick else 5.0,
-        "conc": [1, 8, 32],
+        "conc": [1, 8, 16, 32],
         "sweep_conc": [1, 16] if quick else [1, 8, 16, 32],
         "resnet_conc": [1, 8, 32],
         "bodies": {"fashion": (FASHION_IMAGE, "image/png"), "photo": (photo(args.workdir), "image/jpeg")},
@@ -738,7 +853,7 @@ def main(args: argparse.Namespace) -> dict:
         "scenarios": [],
         "phases": args.phases,
     }
-    extra: dict = {}
+    extra: dict = {"tta_accuracy": tta_accuracy()}
     phases = {"fashion": phase_fashion, "sweep": phase_sweep, "resnet": phase_resnet, "resnet_omp1": phase_resnet_omp1}
     for name in args.phases:
         t0 = time.time()
