@@ -225,7 +225,8 @@ def install_section(path: Path = INSTALLS) -> list[str]:
             f"`{data['command']}` on {data['date']} ({', '.join(data['archives'])}, the shipped model-config: 2 workers). "
             "The same archive served from the project's venv (the CUDA build of torch, whose NVIDIA libraries every "
             "worker maps) and from a venv with `torch==2.13.0+cpu` (what the container image installs, "
-            "[container.md](container.md)); requests/s: `X-TTA: off`, `hey -c 16`, rounds alternating between the "
+            "[container.md](container.md); made with `python3.11 -m venv DIR && DIR/bin/pip install -r "
+            "deploy/container/requirements.txt`); requests/s: `X-TTA: off`, `hey -c 16`, rounds alternating between the "
             "installs. The throughput difference is within this shared machine's noise; the memory difference is not.",
             ""] + _table(["install", "torch", "workers", "worker RSS MiB", "worker USS MiB", "worker RSS after load",
                           "frontend JVM RSS MiB", "req/s", "p99 ms"], rows)
