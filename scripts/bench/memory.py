@@ -155,29 +155,13 @@ def start(venv: Path, mars: list[Path], workdir: Path) -> tuple[VenvServer, list
     srv = VenvServer(workdir, config, store, TorchServeClient.from_config(config, workdir), Path(os.path.abspath(venv)))
     srv.start(models[0], deadline_s=600)
     try:
+        from scripts.bench.run import wait_workers
+
         wait_workers(srv, models)
     except Exception:
         srv.stop()
         raise
     return srv, models
-
-
-def wait_workers(srv: Server, models: list[str], deadline_s: float = 600) -> None:
-    began = time.monotonic()
-    while True:
-        pending = []
-        for m in models:
-            try:
-                workers = srv.client.describe(m)[0]["workers"]
-            except Exception:  # noqa: BLE001 - not registered yet
-                workers = []
-            if not workers or any(w["status"] != "READY" for w in workers):
-                pending.append(m)
-        if not pending:
-            return
-        if time.monotonic() - began > deadline_s:
-            raise TimeoutError(f"workers not ready after {deadline_s:.0f} s: {pending}\n{srv.log_tail('ts_log.log')}")
-        time.sleep(1)
 
 
 # --- measurements ---------------------------------------------------------------------------------------
