@@ -64,7 +64,7 @@ def test_every_example_gets_its_label_through_the_gateway(container, key):
         assert resp.status_code == 200, (path.name, resp.status_code, resp.text)
         answer = resp.json()
         assert answer["label"] == expected_label(path.stem), (path.name, answer)
-        assert answer["tta_views"] == 2 and answer["confidence"] > 0.5
+        assert answer["tta_views"] in (1, 3) and answer["confidence"] > 0.5  # 3 when the TTA gate opens
 
 
 def test_multipart_and_json_spellings(container, key):

@@ -55,7 +55,7 @@ class Load:
         while not self.stopping.is_set() and time.monotonic() < deadline:
             sent = time.monotonic()
             try:
-                resp = client.predict(MODEL, BOOT, check=False)
+                resp = client.predict(MODEL, BOOT, headers={"X-TTA": "all"}, check=False)  # every view: tta_views shows the policy
                 body = resp.json() if resp.status_code == 200 else {}
                 answer = Answer(sent, time.monotonic(), resp.status_code, resp.headers.get("X-Model-Version"),
                                 body.get("tta_views"), None if resp.status_code == 200 else resp.text[:200])
@@ -114,7 +114,7 @@ def test_rollout_registers_switches_and_retires_without_a_failed_request(tmp_pat
         before = load.sent_between(0, started)
         after = load.sent_between(finished, float("inf"))
         assert len(before) >= 10 and len(after) >= 10, (len(before), len(after))
-        assert {(a.version, a.tta_views) for a in before} == {("1.0", 2)}
+        assert {(a.version, a.tta_views) for a in before} == {("1.0", 3)}
         assert {(a.version, a.tta_views) for a in after} == {("2.0", 4)}
         during = {a.version for a in load.sent_between(started, finished)}
         assert during <= {"1.0", "2.0"} and len(load.answers) > len(before) + len(after)

@@ -38,7 +38,9 @@ def test_png_prediction_has_the_documented_shape(client):
     assert body["out_of_distribution"] is False and isinstance(body["ood_score"], float)
     assert 0.0 <= body["confidence"] <= 1.0 and body["uncertain"] is (body["confidence"] < threshold)
     assert len(body["top_k"]) == 3 and body["top_k"][0]["label"] == body["label"]
-    assert body["tta_views"] == 2
+    assert body["tta_views"] == 1  # a confident image: the TTA gate keeps it at the identity view
+    forced = client.predict("fashion_cnn", EXAMPLE.read_bytes(), headers={"X-TTA": "all"}).json()
+    assert forced["tta_views"] == 3 and forced["label"] == body["label"]
 
 
 def test_jpeg_gets_the_same_label_as_png(client):
