@@ -251,8 +251,10 @@ INVALID = [
          ["X-Top-K"]),
     Case("top_k_field_not_a_number", lambda: {"files": {"data": ("b.png", boot_png())}, "form": {"top_k": "three"}}, 400,
          "InvalidOption", ['Field "top_k"', "from 1 to 10"]),
-    Case("tta_not_a_boolean", as_json(lambda: {"image": b64(boot_png()), "tta": "yes"}), 400, "InvalidOption",
-         ['"tta" must be true or false']),
+    Case("tta_not_a_mode", as_json(lambda: {"image": b64(boot_png()), "tta": "sometimes"}), 400, "InvalidOption",
+         ['"tta" must be one of on, true, 1, yes, off, false, 0, no, all', '"sometimes"']),
+    Case("tta_not_a_boolean", as_json(lambda: {"image": b64(boot_png()), "tta": 1}), 400, "InvalidOption",
+         ['"tta" must be true, false or one of "off", "on", "all"']),
     Case("tta_header_unknown", raw(boot_png, headers={"X-TTA": "sometimes"}), 400, "InvalidOption",
          ["X-TTA must be one of on, true, 1, yes, off, false, 0, no", '"sometimes"']),
     # curl -d @file.png: the frontend splits the body into form fields (see docs/inputs.md for bodies it cannot split)
