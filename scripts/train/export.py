@@ -197,11 +197,17 @@ def photographed(images: np.ndarray, seed: int) -> list:
     return [photo for style in STYLES for photo in render_all(images, style, seed)]
 
 
+def photographed_once(images: np.ndarray, rng: np.random.Generator) -> list:
+    """Every garment rendered once, in a catalogue style drawn from ``rng``: the training split as the server
+    also sees it, for the detector's fit and the int8 calibration."""
+    return [render_photo(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in images]
+
+
 def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float, seed: int) -> tuple[OODSpec, dict, dict]:
     """Fit the features detector (``scripts.train.ood``) and set its threshold on the calibration split."""
     rng = np.random.default_rng(seed)
     train_images, train_labels = ckpt["train"]
-    photos = [render_photo(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in train_images]
+    photos = photographed_once(train_images, rng)
     outliers = ood.synthetic_outliers(train_images, rng, render_photo, STYLES)
     sets = {}
     for name, images in (("native", train_images), ("photos", photos), ("outliers", outliers)):
@@ -279,10 +285,8 @@ def make_int8(args: argparse.Namespace, eager, scripted, spec: ModelSpec, ckpt: 
                             "--no-int8 exports fp32 alone")
     # The training split as the server sees it: each garment as uploaded and as a photo in a random catalogue style
     # (calibrated on the native images alone, the gated policy lost 4 held-out images net to fp32 and was refused).
-    rng = np.random.default_rng(args.seed)
     garments = ckpt["train"][0]
-    photos = [render_photo(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in garments]
-    calibration, _ = eval_inputs(list(garments) + photos, spec)
+    calibration, _ = eval_inputs(list(garments) + photographed_once(garments, np.random.default_rng(args.seed)), spec)
     int8 = quantize.quantize(eager, calibration)
     # What is saved must be what was measured: a save/load round trip re-packs the int8 weights.
     buffer = io.BytesIO()
@@ -306,7 +310,8 @@ def make_int8(args: argparse.Namespace, eager, scripted, spec: ModelSpec, ckpt: 
     figures = quantize.evaluate(scripted, int8, sets, spec, ood_params)
     info = quantize.record(figures, thresholds, quantize.ENGINE, {
         "split": "train", "images": len(calibration),
-        "inputs": "native training images through the server's preprocessing (scripts.train.data.eval_inputs)",
+        "inputs": "the training images as uploaded and each once as a catalogue photo, through the server's "
+                  "preprocessing (scripts.train.data.eval_inputs)",
     }, {"sets": about, "tta_on": {"tta": list(spec.tta), "merge": spec.merge}})
     print(f"int8 ({info['engine']} engine, calibrated on {len(calibration)} training images) against fp32:")
     print("\n".join(quantize.summary_lines(figures)))
