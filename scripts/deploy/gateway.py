@@ -1,10 +1,22 @@
-"""The nginx gateway: its configuration, rendered from deploy/gateway/nginx.conf.template, and its process.
+"""The nginx gateway and its per-replica hops: their configurations and their processes.
 
-Everything the template needs comes from one place each: the public addresses and
-the body limit from config.properties, the worker cap from scripts/deploy/capacity.py,
-the service credentials from key_file.json (written here), each replica's address and
-TorchServe keys from the replica itself. The rendered file lives in the run folder,
-readable by its owner only, because it holds keys.
+Two kinds of nginx, each a master of its own:
+
+- the **gateway** (deploy/gateway/nginx.conf.template): the public ports, credentials, limits,
+  retries and worker cap. It reaches replica ``i`` only through the hop's Unix sockets in the
+  run folder, whose names never change, so its configuration is fixed for the life of the
+  stack and it is never reloaded while it serves (a reload would close the clients' idle
+  keep-alive connections, and a POST sent on one at that moment is lost);
+- one **hop** per replica (deploy/gateway/hop.conf.template): injects that replica's TorchServe
+  keys and points at its current ports. A replica's restart (new ports, new keys) or readiness
+  change re-renders and reloads its hop only; a hop out of rotation answers predictions 503
+  at once, which the gateway retries on another replica.
+
+Everything the templates need comes from one place each: the public addresses and the
+body limit from config.properties, the worker cap from scripts/deploy/capacity.py, the
+service credentials from key_file.json (written here), each replica's address and
+TorchServe keys from the replica itself. The rendered files live in the run folder,
+readable by their owner only, because they hold keys.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from scripts.deploy.capacity import Capacity
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "gateway" / "nginx.conf.template"
+HOP_TEMPLATE = REPO / "deploy" / "gateway" / "hop.conf.template"
 KEY_BYTES = 32  # 256 random bits a credential (the issue asks for at least 128)
 VALID_KEY = re.compile(r"[A-Za-z0-9_-]{22,}")  # 22 base64url characters = 132 bits; also safe inside nginx's config
 
@@ -58,7 +71,18 @@ class ReplicaRoute:
     metrics: str
     inference_key: str
     management_key: str
-    down: bool = False  # out of rotation (not ready) while another replica is
+
+
+@dataclass
+class HopSettings:
+    """What replica ``index``'s hop serves: its route (None until it has written its keys) and whether it is in rotation."""
+
+    run_dir: Path
+    index: int
+    route: ReplicaRoute | None
+    serving: bool = True  # False: predictions answered 503 at once, so the gateway tries another replica
+    why: str = ""  # why it is out of rotation, in the 503's message: "restarting", "not ready"
+    read_timeout_s: int = 30
 
 
 @dataclass
@@ -77,7 +101,7 @@ class GatewaySettings:
     auth_failure_rate: str = "30r/m"
     auth_failure_burst: int = 20
     access_log: str = "file"  # "file": <log_dir>/gateway_access.log (rotated by the supervisor); "stdout": a container's log
-    replicas: list[ReplicaRoute] = field(default_factory=list)
+    replicas: list[int] = field(default_factory=list)  # replica indices; each is reached through its hop's sockets
 
 
 # --- service credentials ----------------------------------------------------------------------------
@@ -139,64 +163,102 @@ def _error_locations(settings: GatewaySettings) -> str:
     return "\n".join(blocks)
 
 
-def _proxy_headers(authorization: str | None) -> str:
-    auth = f'"Bearer {authorization}"' if authorization else '""'
-    return ('proxy_set_header X-Request-ID $req_id; proxy_set_header Connection ""; '
-            f"proxy_set_header Authorization {auth};")
+def hop_socket(run_dir: Path, index: int, api: str = "inference") -> Path:
+    """Replica ``index``'s hop socket for ``api`` (inference, management, metrics): the gateway's only way to it."""
+    return run_dir / (f"replica-{index}.sock" if api == "inference" else f"replica-{index}.{api}.sock")
 
 
-def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str, str]:
+def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str]:
+    """The gateway's side of the replicas: its upstream list, management routes and metrics routes (hop sockets only)."""
     run = settings.run_dir
-    servers, hops, mgmt, metrics = [], [], [], []
+    servers, mgmt, metrics = [], [], []
     # One replica is listed twice so that a retry (a dead worker) goes back to it: its other workers answer.
-    single = len(settings.replicas) == 1
-    for r in settings.replicas:
-        sock = f"unix:{run}/replica-{r.index}.sock"
-        entries = 2 if single else 1
-        fails = "max_fails=0" if single else "max_fails=3 fail_timeout=5s"
-        servers += [f"        server {sock} {fails}{' down' if r.down else ''};"] * entries
-        hops.append(f"""
-    upstream torchserve_{r.index} {{
-        server {_hostport(r.inference)};
-        keepalive 32;
-    }}
-    # Replica {r.index}: injects its TorchServe key; a dead worker's 507 becomes a 502 the front retries.
-    server {{
-        listen {sock};
-        location / {{
-            proxy_pass http://torchserve_{r.index};
-            {_proxy_headers(r.inference_key)}
-            proxy_request_buffering off;
-            proxy_intercept_errors on;
-            error_page 507 = @worker_died;
-        }}
-        location @worker_died {{
-            return 502 '{{"code":502,"type":"WorkerDied","message":"The worker died with this request in its batch; the gateway retries it."}}';
-        }}
-    }}""")
+    # No passive failure marking (max_fails=0): whether a replica is in rotation is its hop's to say (a 503 at
+    # once, retried on another replica), so a replica is back in rotation the moment its hop says so. With
+    # nginx's marking, the idle connections a hop's reload closes count as failures and kept a replica that
+    # had just come back out of rotation for another fail_timeout.
+    copies = 2 if len(settings.replicas) == 1 else 1
+    for i in settings.replicas:
+        servers += [f"        server unix:{hop_socket(run, i)} max_fails=0;"] * copies
         refuse = "if ($scale_refused) { return 400 '" + _json_text_obj(settings) + "'; }"
         # The path is rewritten (nginx escapes it again, so an encoded "?" stays in the path) and proxied
         # without a URI part; synchronous scaling may take minutes, hence the longer read timeout.
+        to_hop = (f"proxy_pass http://unix:{hop_socket(run, i, 'management')};\n"
+                  f"            proxy_read_timeout {MANAGEMENT_TIMEOUT_S}s;")
         route = f"""
-        location ~ ^/replicas/{r.index}/models(/.*)?$ {{
+        location ~ ^/replicas/{i}/models(/.*)?$ {{
             {refuse}
-            rewrite ^/replicas/{r.index}(/models.*)$ $1 break;
-            proxy_pass http://{_hostport(r.management)};
-            proxy_read_timeout {MANAGEMENT_TIMEOUT_S}s;
-            {_proxy_headers(r.management_key)}
+            rewrite ^/replicas/{i}(/models.*)$ $1 break;
+            {to_hop}
         }}"""
-        if r.index == 0:
+        if i == 0:
             route += f"""
         # Unprefixed management calls address replica 0 (with one replica: the whole service).
         location ~ ^/models(/.*)?$ {{
             {refuse}
-            proxy_pass http://{_hostport(r.management)};
-            proxy_read_timeout {MANAGEMENT_TIMEOUT_S}s;
-            {_proxy_headers(r.management_key)}
+            {to_hop}
         }}"""
         mgmt.append(route)
-        metrics.append(f"        location = /replicas/{r.index}/metrics {{ proxy_pass http://{_hostport(r.metrics)}/metrics; }}")
-    return "\n".join(servers), "\n".join(hops), "\n".join(mgmt), "\n".join(metrics)
+        metrics.append(f"        location = /replicas/{i}/metrics "
+                       f"{{ proxy_pass http://unix:{hop_socket(run, i, 'metrics')}:/metrics; }}")
+    return "\n".join(servers), "\n".join(mgmt), "\n".join(metrics)
+
+
+def _answer(code: int, kind: str, message: str) -> str:
+    return "return " + str(code) + " '" + json.dumps({"code": code, "type": kind, "message": message}).replace("'", "\\'") + "';"
+
+
+def render_hop(hop: HopSettings) -> str:
+    """Replica ``hop.index``'s hop: its keys and ports when known and serving; 503s that say why otherwise."""
+    r, i = hop.route, hop.index
+    auth = lambda key: f'proxy_set_header Authorization "Bearer {key}";'  # noqa: E731
+    if r is None:
+        upstreams = "    # no route yet: the replica has not written its keys"
+        closed = _answer(503, "ReplicaRestarting", f"Replica {i} is restarting; retry in a few seconds.")
+        management = metrics = f"        location / {{ {closed} }}"
+    else:
+        upstreams = (f"    upstream torchserve {{\n        server {_hostport(r.inference)};\n        keepalive 32;\n    }}")
+        management = f"        location / {{ proxy_pass http://{_hostport(r.management)}; {auth(r.management_key)} }}"
+        metrics = f"        location = /metrics {{ proxy_pass http://{_hostport(r.metrics)}/metrics; }}"
+    if r is not None and hop.serving:
+        inference = f"""        location / {{
+            proxy_pass http://torchserve;
+            {auth(r.inference_key)}
+            proxy_intercept_errors on;
+            error_page 507 = @worker_died;
+        }}
+        location @worker_died {{
+            {_answer(502, "WorkerDied", "The worker died with this request in its batch; the gateway retries it.")}
+        }}"""
+    else:
+        why = hop.why or ("restarting" if r is None else "out of rotation")
+        inference = "        location / { " + _answer(
+            503, "ReplicaNotReady", f"Replica {i} is {why}; the gateway sends predictions to the other replicas.") + " }"
+    return _fill(HOP_TEMPLATE, {
+        "user_line": _user_line(),
+        "nofile": str(open_files_limit()),
+        "connections": str(max(1024, open_files_limit() - 512)),
+        "run": str(hop.run_dir),
+        "index": str(i),
+        "read_timeout": f"{hop.read_timeout_s}s",
+        "management_timeout": f"{MANAGEMENT_TIMEOUT_S}s",
+        "upstreams": upstreams,
+        "inference": inference,
+        "management": management,
+        "metrics": metrics,
+    })
+
+
+def _user_line() -> str:
+    return "user root root;" if os.geteuid() == 0 else "# (runs as the invoking user)"
+
+
+def _fill(template: Path, values: dict[str, str]) -> str:
+    text = template.read_text()
+    missing = sorted(set(re.findall(r"@\{(\w+)\}", text)) - set(values))
+    if missing:
+        raise KeyError(f"{template}: no value for {missing}")
+    return re.sub(r"@\{(\w+)\}", lambda m: values[m.group(1)], text)
 
 
 def _json_text_obj(settings: GatewaySettings) -> str:
@@ -205,10 +267,9 @@ def _json_text_obj(settings: GatewaySettings) -> str:
 
 
 def render(settings: GatewaySettings, keys: dict) -> str:
-    servers, hops, mgmt, metrics = _replica_blocks(settings)
-    user_line = "user root root;" if os.geteuid() == 0 else "# (runs as the invoking user)"
-    values = {
-        "user_line": user_line,
+    servers, mgmt, metrics = _replica_blocks(settings)
+    return _fill(TEMPLATE, {
+        "user_line": _user_line(),
         "nofile": str(open_files_limit()),
         "connections": str(max(1024, open_files_limit() - 512)),
         "run": str(settings.run_dir),
@@ -228,16 +289,10 @@ def render(settings: GatewaySettings, keys: dict) -> str:
         "tries": str(settings.tries),
         "retry_window": f"{settings.retry_window_s}s",
         "replica_servers": servers,
-        "replica_hops": hops,
         "management_routes": mgmt,
         "metrics_routes": metrics,
         "error_locations": _error_locations(settings),
-    }
-    text = TEMPLATE.read_text()
-    missing = sorted(set(re.findall(r"@\{(\w+)\}", text)) - set(values))
-    if missing:
-        raise KeyError(f"{TEMPLATE}: no value for {missing}")
-    return re.sub(r"@\{(\w+)\}", lambda m: values[m.group(1)], text)
+    })
 
 
 def open_files_limit() -> int:
@@ -254,26 +309,42 @@ def nginx_binary() -> str:
     return found
 
 
-class Gateway:
-    """One nginx master serving the rendered config from ``run_dir``."""
+class Nginx:
+    """One nginx master serving a config rendered into the run folder; the gateway and each hop are one."""
 
-    def __init__(self, settings: GatewaySettings):
-        self.settings = settings
-        self.conf = settings.run_dir / "nginx.conf"
-        self.pid_file = settings.run_dir / "nginx.pid"
+    name = "nginx"
 
-    def write(self, keys: dict) -> None:
-        run = self.settings.run_dir
-        for sub in ("tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
-            (run / sub).mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        candidate = self.conf.with_name("nginx.conf.new")  # the running config is replaced only by a valid one
-        write_private(candidate, render(self.settings, keys))
-        check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(candidate), "-p", str(run), "-e", str(run / "error.log")],
-                               capture_output=True, text=True)
+    def __init__(self, run_dir: Path, conf_name: str, pid_name: str):
+        self.run_dir = run_dir
+        self.conf = run_dir / conf_name
+        self.pid_file = run_dir / pid_name
+        self.error_log = run_dir / "error.log"
+
+    def render(self) -> str:
+        raise NotImplementedError
+
+    def temp_dir(self) -> Path:
+        return self.run_dir / "tmp"
+
+    def sockets(self) -> list[Path]:
+        """The Unix sockets it listens on (a master killed outright leaves them behind, and nginx cannot bind them again)."""
+        return []
+
+    def write(self) -> bool:
+        """Render and check the config; install it when nginx accepts it. True when it differs from the running one."""
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.temp_dir() / sub).mkdir(parents=True, exist_ok=True)
+        text = self.render()
+        if self.conf.exists() and self.conf.read_text() == text:
+            return False
+        candidate = self.conf.with_name(self.conf.name + ".new")  # the running config is replaced only by a valid one
+        write_private(candidate, text)
+        check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(candidate), "-p", str(self.run_dir),
+                                "-e", str(self.error_log)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx refused the rendered config {candidate}:\n{check.stderr.strip()}")
         os.replace(candidate, self.conf)
+        return True
 
     def pid(self) -> int | None:
         try:
@@ -284,15 +355,16 @@ class Gateway:
             return None
 
     def start(self) -> int:
-        run = self.settings.run_dir
-        subprocess.run([nginx_binary(), "-c", str(self.conf), "-p", str(run), "-e", str(run / "error.log")],
+        for sock in self.sockets():  # left by a master that was killed: no one listens on them
+            sock.unlink(missing_ok=True)
+        subprocess.run([nginx_binary(), "-c", str(self.conf), "-p", str(self.run_dir), "-e", str(self.error_log)],
                        check=True, capture_output=True)
         for _ in range(100):
             pid = self.pid()
             if pid:
                 return pid
             time.sleep(0.05)
-        raise RuntimeError(f"nginx did not start; see {run / 'error.log'}")
+        raise RuntimeError(f"{self.name} did not start; see {self.error_log}")
 
     def reload(self) -> None:
         pid = self.pid()
@@ -314,3 +386,35 @@ class Gateway:
             time.sleep(0.1)
         if self.pid():
             os.kill(pid, signal.SIGTERM)
+
+
+class Gateway(Nginx):
+    """The public gateway: rendered once from its settings and the service credentials."""
+
+    name = "the gateway (nginx)"
+
+    def __init__(self, settings: GatewaySettings, keys: dict):
+        super().__init__(settings.run_dir, "nginx.conf", "nginx.pid")
+        self.settings, self.keys = settings, keys
+
+    def render(self) -> str:
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        return render(self.settings, self.keys)
+
+
+class Hop(Nginx):
+    """Replica ``settings.index``'s hop; ``settings`` is replaced when the replica restarts or its readiness changes."""
+
+    def __init__(self, settings: HopSettings):
+        super().__init__(settings.run_dir, f"hop-{settings.index}.conf", f"hop-{settings.index}.pid")
+        self.settings = settings
+        self.name = f"replica {settings.index}'s hop (nginx)"
+
+    def render(self) -> str:
+        return render_hop(self.settings)
+
+    def temp_dir(self) -> Path:
+        return self.run_dir / "tmp" / f"hop-{self.settings.index}"
+
+    def sockets(self) -> list[Path]:
+        return [hop_socket(self.run_dir, self.settings.index, api) for api in ("inference", "management", "metrics")]

@@ -272,7 +272,7 @@ def stop(args) -> int:
 
 
 def leftover(args) -> None:
-    """Whatever a killed ``run`` left behind: replicas (torchserve --stop in their TMPDIR) and nginx."""
+    """Whatever a killed ``run`` left behind: replicas (torchserve --stop in their TMPDIR) and the nginx masters."""
     st = state(args)
     for rep in st.get("replicas", []):
         tmp = Path(rep["workdir"]) / "tmp"
@@ -280,12 +280,12 @@ def leftover(args) -> None:
             env = {**os.environ, "TMPDIR": str(tmp)}
             subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=rep["workdir"], env=env,
                            capture_output=True, timeout=120)
-    gw = st.get("gateway_pid")
-    try:
-        if gw and "nginx" in psutil.Process(gw).name():
-            os.kill(gw, signal.SIGQUIT)
-    except psutil.Error:
-        pass
+    for pid in [st.get("gateway_pid"), *st.get("hop_pids", [])]:  # the gateway and the replicas' hops
+        try:
+            if pid and "nginx" in psutil.Process(pid).name():
+                os.kill(pid, signal.SIGQUIT)
+        except psutil.Error:
+            pass
 
 
 def status(args) -> int:

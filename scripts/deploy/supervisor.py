@@ -1,6 +1,6 @@
 """The serving stack: N TorchServe replicas, the nginx gateway in front, and a supervisor that keeps them up.
 
-    client -> gateway (nginx: credential, limits, retries) -> replica hop -> TorchServe i -> workers
+    client -> gateway (nginx: credential, limits, retries) -> replica i's hop (nginx: its keys) -> TorchServe i -> workers
 
 The supervisor (one thread of ``python -m scripts.deploy.serve run``)
 
@@ -10,7 +10,11 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
   (the gateway's ``/ping``, ``make status``) says whether a prediction can be served *now*: a
   replica with 0 workers, or whose only worker is frozen, is not ready, whatever TorchServe's
   own ``/ping`` says; replicas that are not ready are taken out of the gateway's rotation
-  while another one is ready;
+  while another one is ready (their hop answers 503 at once, which the gateway retries on
+  another replica);
+- renders and reloads a replica's hop when it restarts (new ports, new keys) or its readiness
+  changes; the gateway itself is rendered once and never reloaded while it serves, so the
+  clients' keep-alive connections survive every replica event;
 - serves, on a Unix socket only nginx reaches, ``/ready`` and ``/metrics``: every replica's
   TorchServe metrics with a ``replica`` label, plus its own (restarts, readiness, the worker
   cap, and ``gateway_http_responses_total`` by API and status, counted from the access log).
@@ -18,7 +22,6 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
 
 from __future__ import annotations
 
-import dataclasses
 import http.server
 import json
 import logging
@@ -35,7 +38,7 @@ from urllib.parse import urlsplit
 
 from handler.request import PROBE_HEADER
 from scripts.deploy import capacity as capacity_mod
-from scripts.deploy.gateway import Gateway, GatewaySettings, service_keys, write_private
+from scripts.deploy.gateway import Gateway, GatewaySettings, Hop, HopSettings, Nginx, ReplicaRoute, service_keys, write_private
 from scripts.deploy.harness import EXAMPLE
 from scripts.deploy.replicas import Replica
 from scripts.ops.tsclient import TorchServeClient, read_properties
@@ -91,6 +94,7 @@ class Stack:
         self.replicas = [Replica(i, opts.run_dir, opts.model_store, opts.replica_overrides) for i in range(opts.replicas)]
         self.health = {r.index: Health() for r in self.replicas}
         self.gateway: Gateway | None = None
+        self.hops: dict[int, Hop] = {}
         self.capacity: capacity_mod.Capacity | None = None
         self.keys: dict = {}
         self.gateway_restarts = 0
@@ -99,7 +103,7 @@ class Stack:
         self.status_server: socketserver.BaseServer | None = None
         self.stopping = threading.Event()
         self._probe_clients: dict[int, TorchServeClient] = {}
-        self._routes: dict = {}  # replica index -> its last known ReplicaRoute
+        self._routes: dict[int, ReplicaRoute] = {}  # replica index -> its last known route
         # (api, status) -> answers the gateway gave clients; the usual codes start at 0 so that Prometheus sees a
         # first burst as an increase (increase() cannot count a series' first sample)
         self.responses: dict[tuple[str, str], int] = {
@@ -129,11 +133,15 @@ class Stack:
         self.start_status_server()
         self._apis = {addr.rsplit(":", 1)[1]: api for api, addr in (
             ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics))}
-        self.gateway = Gateway(self.settings())
-        self.gateway.write(self.keys)
+        for r in self.replicas:
+            hop = self.hops[r.index] = Hop(self.hop_settings(r, ready={h.index for h in self.replicas}))
+            hop.write()
+            hop.start()
+        self.gateway = Gateway(self.settings(), self.keys)
+        self.gateway.write()
         self.publish()  # GET /replicas must answer from the first request on
         self.gateway.start()
-        self.publish()  # now with the gateway's pid
+        self.publish()  # now with the gateway's pids
         log.info("gateway up: inference %s, management %s, metrics %s",
                  opts.public_inference, opts.public_management, opts.public_metrics)
 
@@ -145,6 +153,9 @@ class Stack:
         self.stopping.set()
         if self.gateway is not None:
             self.gateway.stop()
+        for hop in self.hops.values():
+            hop.stop()
+
         def stop_one(replica: Replica) -> None:
             with replica.lock:
                 replica.stop()
@@ -159,39 +170,46 @@ class Stack:
 
     # --- the gateway's view ---------------------------------------------------------------------
     def settings(self) -> GatewaySettings:
-        now = time.monotonic()
-        routes = []
-        for r in self.replicas:
-            try:
-                self._routes[r.index] = r.route()
-            except (OSError, ValueError, KeyError):  # mid-restart, no key file yet: its last route, out of rotation
-                if r.index not in self._routes:
-                    continue
-            routes.append(dataclasses.replace(self._routes[r.index]))
-        ready = {i for i, h in self.health.items() if h.is_ready(now)}
-        if ready:  # take unready replicas out of rotation, unless none is ready (then keep trying all)
-            for route in routes:
-                route.down = route.index not in ready
+        """The gateway's settings: fixed for the life of the stack (replicas are reached through their hops)."""
         o = self.opts
         return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
                                public_management=o.public_management, public_metrics=o.public_metrics,
                                max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, access_log=o.access_log,
-                               replicas=routes)
+                               replicas=[r.index for r in self.replicas])
 
-    def rerender(self, why: str) -> None:
-        """New config, then reload; a config nginx refuses is logged and the running one kept."""
+    def hop_settings(self, replica: Replica, ready: set[int]) -> HopSettings:
+        """Its current route (or the last known one, mid-restart) and whether it is in rotation."""
+        h = self.health[replica.index]
+        try:
+            self._routes[replica.index] = replica.route()
+        except (OSError, ValueError, KeyError, AssertionError):  # mid-restart: no key file yet
+            pass
+        # Out of rotation while restarting, or while not ready and another replica is (none ready: keep trying all).
+        why = "restarting" if h.restarting else ("not ready" if ready and replica.index not in ready else "")
+        return HopSettings(run_dir=self.opts.run_dir, index=replica.index, route=self._routes.get(replica.index),
+                           serving=not why, why=why)
+
+    def sync_hops(self, why: str) -> None:
+        """Re-render every hop; reload those whose config changed. A config nginx refuses is logged, the running one kept."""
         with self.render_lock:
-            if self.gateway is None or self.stopping.is_set():
+            if self.stopping.is_set():
                 return
-            try:
-                self.gateway.settings = self.settings()
-                self.gateway.write(self.keys)
-            except Exception:
-                log.exception("gateway not reloaded (%s): the running configuration stays", why)
-                return
-            self.publish()
-            self.gateway.reload()
-            log.info("gateway reloaded: %s", why)
+            now = time.monotonic()
+            ready = {i for i, h in self.health.items() if h.is_ready(now)}
+            for r in self.replicas:
+                hop = self.hops.get(r.index)
+                if hop is None:
+                    continue
+                hop.settings = self.hop_settings(r, ready)
+                try:
+                    changed = hop.write()
+                except Exception:
+                    log.exception("%s not reloaded (%s): the running configuration stays", hop.name, why)
+                    continue
+                if changed:
+                    hop.reload()
+                    log.info("%s reloaded (%s): %s", hop.name, why,
+                             "in rotation" if hop.settings.serving else f"out of rotation, {hop.settings.why}")
 
     def publish(self) -> None:
         """run/replicas.json: what GET /replicas on the management port answers; run/state.json for `serve stop`."""
@@ -205,8 +223,8 @@ class Stack:
         os.replace(replicas.with_name("replicas.json.new"), replicas)  # readers never see half a file
         path = self.opts.run_dir / "state.json"
         write_private(path.with_name("state.json.new"),
-                      json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None},
-                                 indent=2))
+                      json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
+                                  "hop_pids": [hop.pid() for hop in self.hops.values()]}, indent=2))
         os.replace(path.with_name("state.json.new"), path)
 
     # --- supervision ----------------------------------------------------------------------------
@@ -218,20 +236,25 @@ class Stack:
                 h = self.health[r.index]
                 if not h.restarting and not r.alive():
                     self.restart(r)
-            if self.gateway is not None and self.gateway.pid() is None and not self.stopping.is_set():
-                self.gateway_restarts += 1
-                log.error("gateway (nginx) is gone: restarting it (restart %d)", self.gateway_restarts)
-                try:
-                    with self.render_lock:
-                        self.gateway.write(self.keys)
-                        self.gateway.start()
-                except Exception:
-                    log.exception("gateway restart failed; trying again")
+            for nginx in [*self.hops.values(), *([self.gateway] if self.gateway else [])]:
+                if nginx.pid() is None and not self.stopping.is_set():
+                    self.restart_nginx(nginx)
             if time.monotonic() >= next_probe:
                 self.probe_all()
                 self.count_responses()
                 self.rotate_access_log()
                 next_probe = time.monotonic() + PROBE_INTERVAL_S
+
+    def restart_nginx(self, nginx: Nginx) -> None:
+        self.gateway_restarts += 1
+        log.error("%s is gone: restarting it (restart %d)", nginx.name, self.gateway_restarts)
+        try:
+            with self.render_lock:
+                nginx.write()
+                nginx.start()
+            self.publish()
+        except Exception:
+            log.exception("%s did not restart; trying again", nginx.name)
 
     def count_responses(self) -> None:
         """Add the access log's new lines to ``gateway_http_responses_total`` (what clients were answered)."""
@@ -280,7 +303,7 @@ class Stack:
         h.restarts += 1
         h.restarting, h.ready = True, False
         log.error("replica %d: TorchServe frontend is gone: restarting it (restart %d)", replica.index, h.restarts)
-        self.rerender(f"replica {replica.index} out of rotation while it restarts")
+        self.sync_hops(f"replica {replica.index} restarts")
 
         def run() -> None:
             try:
@@ -297,7 +320,8 @@ class Stack:
                 log.error("replica %d did not come back: %s", replica.index, exc)
             finally:
                 h.restarting = False
-                self.rerender(f"replica {replica.index} restarted")
+                self.sync_hops(f"replica {replica.index} restarted")
+                self.publish()
 
         threading.Thread(target=run, name=f"restart-{replica.index}", daemon=True).start()
 
@@ -315,7 +339,7 @@ class Stack:
         after = {i for i, h in self.health.items() if h.is_ready(time.monotonic())}
         if before != after:
             log.warning("ready replicas: %s -> %s", sorted(before), sorted(after))
-            self.rerender(f"ready replicas now {sorted(after)}")
+            self.sync_hops(f"ready replicas now {sorted(after)}")
 
     def probe(self, replica: Replica) -> None:
         h = self.health[replica.index]

@@ -100,8 +100,14 @@ def test_killing_a_worker_under_load_loses_no_request(stack):
     print(f"worker kill: {dict(load.results)}; retried: {sum(e['retries'] > 0 for e in stack.access_log())}")
 
 
+def gateway_workers(stack) -> set[int]:
+    """The gateway's nginx worker pids: a reload replaces them (and closes the clients' idle keep-alive connections)."""
+    return {p.pid for p in psutil.Process(stack.state()["gateway_pid"]).children()}
+
+
 def test_killing_a_whole_replica_under_load_loses_no_request_and_it_comes_back(stack):
     victim = frontend(stack, 1)
+    workers_before = gateway_workers(stack)
     with Load(stack) as load:
         victim.kill()
         time.sleep(5)
@@ -110,6 +116,7 @@ def test_killing_a_whole_replica_under_load_loses_no_request_and_it_comes_back(s
         time.sleep(5)  # serving on both again
     assert set(load.results) == {200}, load.results
     assert frontend(stack, 1).pid != victim.pid
+    assert gateway_workers(stack) == workers_before, "the gateway was reloaded: only replica 1's hop should be"
     metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
     assert 'gateway_replica_restarts_total{replica="1"} 1' in metrics
     served_after = [e for e in stack.access_log() if "replica-1.sock" in e["upstream"].split(",")[-1]

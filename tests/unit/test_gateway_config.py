@@ -6,12 +6,13 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from scripts.deploy import capacity
 from scripts.deploy.capacity import Capacity, frontend_bound_mb
-from scripts.deploy.gateway import GatewaySettings, ReplicaRoute, nginx_binary, render, service_keys
+from scripts.deploy.gateway import GatewaySettings, Hop, HopSettings, ReplicaRoute, nginx_binary, render, service_keys
 from scripts.deploy.supervisor import merge_metrics
 
 HERE = Capacity(worker_mb=570.0, frontend_mb=1792.0, memory_mb=24105.0, cores=2, replicas=1)
@@ -44,32 +45,66 @@ def test_the_frontend_counts_at_what_its_vmargs_let_it_grow_to():
 
 
 def settings(tmp_path, replicas: int = 1, cap: Capacity = HERE) -> GatewaySettings:
-    routes = [ReplicaRoute(i, f"http://127.0.0.1:{9100 + i}", f"http://127.0.0.1:{9200 + i}",
-                           f"http://127.0.0.1:{9300 + i}", f"infkey{i}" * 4, f"mgmtkey{i}" * 4) for i in range(replicas)]
     return GatewaySettings(run_dir=tmp_path / "run", log_dir=tmp_path / "logs", public_inference="127.0.0.1:18080",
                            public_management="127.0.0.1:18081", public_metrics="127.0.0.1:18082",
-                           max_body=10 * 2**20, capacity=cap, replicas=routes)
+                           max_body=10 * 2**20, capacity=cap, replicas=list(range(replicas)))
+
+
+def route(i: int) -> ReplicaRoute:
+    return ReplicaRoute(i, f"http://127.0.0.1:{9100 + i}", f"http://127.0.0.1:{9200 + i}",
+                        f"http://127.0.0.1:{9300 + i}", f"infkey{i}" * 4, f"mgmtkey{i}" * 4)
 
 
 KEYS = {"inference": {"key": "i" * 43}, "management": {"key": "m" * 43}}
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                                 reason="nginx is not installed (make install installs it)")
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_rendered_config_is_accepted_by_nginx(tmp_path, replicas):
-    if shutil.which("nginx") is None and not (shutil.which("/usr/sbin/nginx")):
-        pytest.skip("nginx is not installed (make install installs it)")
-    conf = render(settings(tmp_path, replicas), KEYS)
-    (tmp_path / "run" / "tmp").mkdir(parents=True)
-    (tmp_path / "logs").mkdir()
-    path = tmp_path / "run" / "nginx.conf"
+def nginx_accepts(run: Path, conf: str, name: str) -> subprocess.CompletedProcess:
+    (run / "tmp").mkdir(parents=True, exist_ok=True)
+    path = run / name
     path.write_text(conf)
-    check = subprocess.run([nginx_binary(), "-t", "-q", "-c", str(path), "-p", str(tmp_path / "run"),
-                            "-e", str(tmp_path / "run" / "error.log")], capture_output=True, text=True)
+    return subprocess.run([nginx_binary(), "-t", "-q", "-c", str(path), "-p", str(run), "-e", str(run / "error.log")],
+                          capture_output=True, text=True)
+
+
+@needs_nginx
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_rendered_gateway_config_is_accepted_by_nginx_and_holds_no_replica_state(tmp_path, replicas):
+    conf = render(settings(tmp_path, replicas), KEYS)
+    (tmp_path / "logs").mkdir()
+    check = nginx_accepts(tmp_path / "run", conf, "nginx.conf")
     assert check.returncode == 0, check.stderr
     assert "@{" not in conf
+    # The gateway knows the replicas only by their hops' sockets: no replica port or key, so nothing a
+    # replica's restart changes (the gateway is never reloaded while it serves).
+    assert "infkey" not in conf and "mgmtkey" not in conf and ":91" not in conf and ":92" not in conf
+    assert conf.count("replica-0.sock max_fails=0;") == (2 if replicas == 1 else 1)  # one replica: listed twice
     for i in range(replicas):
-        assert f'"Bearer infkey{i}' in conf and f'"Bearer mgmtkey{i}' in conf  # each hop injects its replica's key
-    assert conf.count("replica-0.sock max_fails=0;") == (2 if replicas == 1 else 0)  # one replica: listed twice
+        assert f"replica-{i}.management.sock" in conf and f"replica-{i}.metrics.sock" in conf
+
+
+@needs_nginx
+def test_a_hop_injects_its_replicas_keys_and_out_of_rotation_answers_503_that_say_why(tmp_path):
+    hop = Hop(HopSettings(tmp_path / "run", 1, route(1)))
+    assert hop.write()  # nginx -t accepted it (write raises otherwise)
+    serving = hop.conf.read_text()
+    assert hop.conf.stat().st_mode & 0o077 == 0  # it holds the replica's keys
+    assert '"Bearer infkey1' in serving and '"Bearer mgmtkey1' in serving and "127.0.0.1:9101" in serving
+    assert "error_page 507 = @worker_died" in serving and "ReplicaNotReady" not in serving
+    assert not hop.write()  # unchanged: no reload needed
+
+    hop.settings = HopSettings(tmp_path / "run", 1, route(1), serving=False, why="not ready")
+    assert hop.write()
+    closed = hop.conf.read_text()
+    predictions = closed.split("# --- predictions")[1].split("# --- management")[0]
+    assert "Replica 1 is not ready" in predictions and "proxy_pass" not in predictions
+    assert '"Bearer mgmtkey1' in closed  # a replica out of rotation can still be managed (scaled back from 0 workers)
+
+    hop.settings = HopSettings(tmp_path / "run", 1, None, serving=False, why="restarting")
+    assert hop.write()
+    restarting = hop.conf.read_text()
+    assert "Bearer" not in restarting and "Replica 1 is restarting" in restarting
 
 
 def test_the_worker_count_pattern_admits_exactly_one_to_the_cap(tmp_path):
