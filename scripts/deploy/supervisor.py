@@ -38,7 +38,16 @@ from urllib.parse import urlsplit
 
 from handler.request import PROBE_HEADER
 from scripts.deploy import capacity as capacity_mod
-from scripts.deploy.gateway import Gateway, GatewaySettings, Hop, HopSettings, Nginx, ReplicaRoute, service_keys, write_private
+from scripts.deploy.gateway import (
+    Gateway,
+    GatewaySettings,
+    Hop,
+    HopSettings,
+    Nginx,
+    ReplicaRoute,
+    service_keys,
+    write_private,
+)
 from scripts.deploy.harness import EXAMPLE
 from scripts.deploy.replicas import Replica
 from scripts.ops.tsclient import TorchServeClient, read_properties
