@@ -1,9 +1,10 @@
 """Faults under load through the gateway with two replicas: no request is lost.
 
 16 concurrent clients post real images for a bounded time while a worker is killed, a
-whole replica is killed, or a replica's workers are frozen. Every request must get its
-200; the supervisor must bring the dead replica back, count the restart, and put it
-back into rotation; a frozen replica must stop being "ready" while the other serves.
+whole replica is killed, a replica's workers are frozen, or a replica's hop (its nginx) is
+killed. Every request must get its 200; the supervisor must bring the dead back, count the
+restart, and put it back into rotation without reloading the gateway; a frozen replica must
+stop being "ready" while the other serves.
 """
 
 from __future__ import annotations
@@ -143,3 +144,29 @@ def test_a_frozen_replica_is_not_ready_and_leaves_rotation_while_the_other_serve
         for w in workers:
             w.resume()
     wait_for(lambda: ready_replicas(stack) == {0, 1}, 60, "replica 1 to be ready again after it thaws")
+
+
+def test_killing_a_replicas_hop_under_load_loses_no_request_and_it_comes_back(stack):
+    """The hop (replica 0's own nginx: master and worker) dies; the gateway retries on replica 1, the supervisor restarts it."""
+    hop = psutil.Process(stack.state()["hop_pids"][0])
+    workers_before = gateway_workers(stack)
+
+    def hop_back() -> bool:
+        pid = stack.state()["hop_pids"][0]
+        return pid is not None and pid != hop.pid and psutil.pid_exists(pid)
+
+    with Load(stack) as load:
+        for p in [*hop.children(), hop]:
+            p.kill()
+        wait_for(hop_back, 30, "the supervisor to restart replica 0's hop")
+        back = time.time()
+        time.sleep(4)  # serving through the new hop
+    assert set(load.results) == {200}, load.results
+    assert gateway_workers(stack) == workers_before
+    log = (stack.log_dir / "supervisor.log").read_text()
+    assert "replica 0's hop (nginx) is gone: restarting it" in log
+    metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
+    assert "gateway_restarts_total 1" in metrics
+    served_after = [e for e in stack.access_log() if "replica-0.sock" in e["upstream"].split(",")[-1]
+                    and e["status"] == 200 and datetime.fromisoformat(e["time"]).timestamp() >= back - 1]
+    assert served_after, "replica 0's hop came back but got no traffic"
