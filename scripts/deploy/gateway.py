@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from scripts.deploy.capacity import Capacity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -355,6 +357,7 @@ class Nginx:
             return None
 
     def start(self) -> int:
+        self.end_orphans()
         for sock in self.sockets():  # left by a master that was killed: no one listens on them
             sock.unlink(missing_ok=True)
         subprocess.run([nginx_binary(), "-c", str(self.conf), "-p", str(self.run_dir), "-e", str(self.error_log)],
@@ -365,6 +368,28 @@ class Nginx:
                 return pid
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not start; see {self.error_log}")
+
+    def end_orphans(self) -> list[int]:
+        """End the workers a master killed outright left behind (they go on serving its old sockets and ports).
+
+        nginx's master is a session leader (it daemonises with setsid), so its workers, orphaned or not,
+        are the nginx processes whose session is the dead master's pid, still in the pid file.
+        """
+        if self.pid() is not None:
+            return []
+        try:
+            master = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return []
+        ended = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "nginx" and proc.pid != master and os.getsid(proc.pid) == master:
+                    proc.kill()
+                    ended.append(proc.pid)
+            except (OSError, psutil.Error):
+                continue
+        return ended
 
     def reload(self) -> None:
         pid = self.pid()
