@@ -391,7 +391,7 @@ class Stack:
         own += ["# HELP gateway_replica_ready 1 when the replica answered the supervisor's last prediction probe.",
                 "# TYPE gateway_replica_ready gauge"]
         own += [f'gateway_replica_ready{{replica="{i}"}} {int(h.is_ready(now))}' for i, h in self.health.items()]
-        own += ["# HELP gateway_restarts_total nginx restarts by the supervisor.", "# TYPE gateway_restarts_total counter",
+        own += ["# HELP gateway_restarts_total nginx restarts by the supervisor (the gateway and the replicas' hops).", "# TYPE gateway_restarts_total counter",
                 f"gateway_restarts_total {self.gateway_restarts}"]
         own += ["# HELP gateway_http_responses_total Answers the gateway gave clients (after its retries), "
                 "from its access log.", "# TYPE gateway_http_responses_total counter"]

@@ -498,9 +498,9 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               "model_log.log of the replica (a Python exception or an OOM kill); ignore if someone ran `ctl scale`",
               ("replica",)),
         Alert("GatewayRestarting", f"{GATEWAY_RESTARTS} >= 1", "0s", "warning",
-              f"The supervisor restarted the nginx gateway in the last {rw}.",
+              f"The supervisor restarted the nginx gateway or a replica's hop in the last {rw}.",
               f"`gateway_restarts_total` increased over {rw}", "any restart",
-              "logs/supervisor.log and the gateway's error log"),
+              "logs/supervisor.log (which nginx, and when) and run/error.log, which the gateway and the hops share"),
         Alert("MetricsEndpointDown", f'up{{job="{JOB}"}} == 0', fo, "critical",
               "Prometheus cannot scrape the gateway's metrics port: the stack is down or unreachable, and no "
               "other alert can fire.",
