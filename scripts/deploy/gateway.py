@@ -213,7 +213,8 @@ def _answer(code: int, kind: str, message: str) -> str:
 def render_hop(hop: HopSettings) -> str:
     """Replica ``hop.index``'s hop: its keys and ports when known and serving; 503s that say why otherwise."""
     r, i = hop.route, hop.index
-    auth = lambda key: f'proxy_set_header Authorization "Bearer {key}";'  # noqa: E731
+    # A location's own proxy_set_header drops the http level's, so Connection "" (keep-alive to TorchServe) is repeated.
+    auth = lambda key: f'proxy_set_header Connection ""; proxy_set_header Authorization "Bearer {key}";'  # noqa: E731
     if r is None:
         upstreams = "    # no route yet: the replica has not written its keys"
         closed = _answer(503, "ReplicaRestarting", f"Replica {i} is restarting; retry in a few seconds.")

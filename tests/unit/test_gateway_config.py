@@ -92,6 +92,8 @@ def test_a_hop_injects_its_replicas_keys_and_out_of_rotation_answers_503_that_sa
     assert hop.conf.stat().st_mode & 0o077 == 0  # it holds the replica's keys
     assert '"Bearer infkey1' in serving and '"Bearer mgmtkey1' in serving and "127.0.0.1:9101" in serving
     assert "error_page 507 = @worker_died" in serving and "ReplicaNotReady" not in serving
+    predictions = serving.split("# --- predictions")[1].split("# --- management")[0]
+    assert 'proxy_set_header Connection "";' in predictions  # else nginx closes every connection to TorchServe
     assert not hop.write()  # unchanged: no reload needed
 
     hop.settings = HopSettings(tmp_path / "run", 1, route(1), serving=False, why="not ready")
