@@ -4,7 +4,8 @@
 whole replica is killed, a replica's workers are frozen, or a replica's hop (its nginx) is
 killed. Every request must get its 200; the supervisor must bring the dead back, count the
 restart, and put it back into rotation without reloading the gateway; a frozen replica must
-stop being "ready" while the other serves.
+stop being "ready" while the other serves. Last, the gateway's own master is killed (an
+outage for its clients): it is restarted and its orphaned worker ended.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def wait_for(predicate, timeout: float, what: str):
             return
         time.sleep(0.5)
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def ended(procs: list[psutil.Process]) -> bool:
+    """Every one gone (a zombie counts: it was ended and awaits its new parent's wait)."""
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(gone(p) for p in procs)
 
 
 def ready_replicas(stack) -> set[int]:
@@ -164,7 +175,7 @@ def test_killing_a_replicas_hop_under_load_loses_no_request_and_it_comes_back(st
         time.sleep(4)  # serving through the new hop
     assert set(load.results) == {200}, load.results
     assert gateway_workers(stack) == workers_before
-    assert not any(w.is_running() for w in orphans), "the dead master's worker was left running"
+    wait_for(lambda: ended(orphans), 10, "the dead master's worker to be ended")
     log = (stack.log_dir / "supervisor.log").read_text()
     assert "replica 0's hop (nginx) is gone: restarting it" in log
     metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
@@ -172,3 +183,22 @@ def test_killing_a_replicas_hop_under_load_loses_no_request_and_it_comes_back(st
     served_after = [e for e in stack.access_log() if "replica-0.sock" in e["upstream"].split(",")[-1]
                     and e["status"] == 200 and datetime.fromisoformat(e["time"]).timestamp() >= back - 1]
     assert served_after, "replica 0's hop came back but got no traffic"
+
+
+def test_a_killed_gateway_master_is_restarted_and_its_orphaned_worker_ended(stack):
+    """The public gateway's master dies outright: its worker would go on accepting on the public ports (reuseport)."""
+    master = psutil.Process(stack.state()["gateway_pid"])
+    orphans = master.children()
+    assert orphans
+    master.kill()
+
+    def restarted() -> bool:
+        pid = stack.state()["gateway_pid"]
+        return pid is not None and pid != master.pid and psutil.pid_exists(pid)
+
+    wait_for(restarted, 30, "the supervisor to restart the gateway")
+    wait_for(lambda: ended(orphans), 10, "the dead master's worker to be ended")
+    resp = requests.post(f"{stack.inference}/predictions/fashion_cnn", data=COAT.read_bytes(),
+                         headers={"Authorization": f"Bearer {stack.key()}"}, timeout=60)
+    assert resp.status_code == 200 and resp.json()["label"] == "Coat", resp.text
+    assert "the gateway (nginx) is gone: restarting it" in (stack.log_dir / "supervisor.log").read_text()
