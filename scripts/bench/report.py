@@ -23,10 +23,10 @@ MIX_ROWS = ("ours, mix, TTA off", "ours, mix, gated TTA (default)", "ours, mix, 
 # Issue 13's reference: "ours, TTA off" at concurrency 32 in docs/benchmarks.md before it (the 2026-11-22 03:27 UTC run,
 # fp32, before canonicalisation and the OOD detector were added to the handler).
 BEFORE_TTA_OFF_C32 = 645.8
-TTA_ACCURACY = "docs/tta.json"
+TTA_ACCURACY = "docs/tta.json"  # scripts.evaluate.tta's results: the gate's accuracy against full TTA
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 INSTALLS = DOCS / "benchmarks_memory.json"  # python -m scripts.bench.memory
-GATEWAY = DOCS / "benchmarks_gateway.json"  # make bench-gateway  # scripts.evaluate.tta's results: the gate's accuracy against full TTA
+GATEWAY = DOCS / "benchmarks_gateway.json"  # make bench-gateway
 
 
 def _find(scenarios: list[dict], phase: str, label: str, c: int) -> dict | None:
