@@ -304,16 +304,22 @@ def parse_hey(text: str) -> dict:
     }
 
 
-def hey(srv, model: str, body: Path, content_type: str, headers: dict, concurrency: int, seconds: float) -> dict:
+def hey_command(srv, model: str, body: Path, content_type: str, headers: dict, concurrency: int, seconds: float,
+                *options: str) -> list[str]:
+    """``hey`` POSTing ``body`` to ``model`` on loopback with the inference key (``options``: more hey flags)."""
     url = f"{srv.client.endpoints.inference}/predictions/{model}"
     if not url.startswith("http://127.0.0.1:"):
         raise RuntimeError(f"refusing to load anything but loopback: {url}")
-    key = srv.client.key("inference")
     cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(concurrency), "-m", "POST", "-T", content_type, "-D", str(body),
-           "-t", "60", "-H", f"Authorization: Bearer {key}"]
+           "-t", "60", *options, "-H", f"Authorization: Bearer {srv.client.key('inference')}"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 120)
+    return [*cmd, url]
+
+
+def hey(srv, model: str, body: Path, content_type: str, headers: dict, concurrency: int, seconds: float) -> dict:
+    cmd = hey_command(srv, model, body, content_type, headers, concurrency, seconds)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise RuntimeError(f"hey failed ({out.returncode}): {out.stderr[-2000:]}")
     return parse_hey(out.stdout)
@@ -323,18 +329,11 @@ def hey_mix(srv, model: str, bodies: list[Path], content_type: str, headers: dic
             seconds: float) -> dict:
     """Traffic over several images at once: one ``hey -o csv`` per image, the concurrency split evenly
     between them, all started together; throughput and percentiles from every request's own row."""
-    url = f"{srv.client.endpoints.inference}/predictions/{model}"
-    if not url.startswith("http://127.0.0.1:"):
-        raise RuntimeError(f"refusing to load anything but loopback: {url}")
     n = min(len(bodies), concurrency)
     shares = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
-    procs = []
-    for body, c in zip(bodies[:n], shares):
-        cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body), "-t", "60",
-               "-o", "csv", "-H", f"Authorization: Bearer {srv.client.key('inference')}"]
-        for k, v in headers.items():
-            cmd += ["-H", f"{k}: {v}"]
-        procs.append(subprocess.Popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [subprocess.Popen(hey_command(srv, model, body, content_type, headers, c, seconds, "-o", "csv"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for body, c in zip(bodies[:n], shares)]
     latencies, statuses, per_body, end = [], {}, [], 0.0
     for proc in procs:
         out, err = proc.communicate(timeout=seconds + 120)
