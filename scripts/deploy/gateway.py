@@ -152,6 +152,11 @@ def _allowed_counts(cap: int) -> str:
     return "|".join(str(n) for n in range(1, cap + 1))
 
 
+def _answer(code: int, kind: str, message: str) -> str:
+    """nginx's `return CODE '{json}';` for a JSON error body (a quote in the message is escaped for nginx)."""
+    return "return " + str(code) + " '" + json.dumps({"code": code, "type": kind, "message": message}).replace("'", "\\'") + "';"
+
+
 def _error_locations(settings: GatewaySettings) -> str:
     blocks = []
     for code, (name, kind, message) in ERRORS.items():
@@ -159,9 +164,8 @@ def _error_locations(settings: GatewaySettings) -> str:
         extra = f"add_header Retry-After {RETRY_AFTER[code]} always; " if code in RETRY_AFTER else ""
         if code == 401:
             extra += 'add_header WWW-Authenticate "Bearer" always; '
-        body = json.dumps({"code": code, "type": kind, "message": message})
         blocks.append(f"        location @{name} {{ default_type application/json; add_header X-Request-ID $req_id always; "
-                      f"{extra}return {code} '{body}'; }}")
+                      f"{extra}{_answer(code, kind, message)} }}")
     return "\n".join(blocks)
 
 
@@ -204,10 +208,6 @@ def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str]:
         metrics.append(f"        location = /replicas/{i}/metrics "
                        f"{{ proxy_pass http://unix:{hop_socket(run, i, 'metrics')}:/metrics; }}")
     return "\n".join(servers), "\n".join(mgmt), "\n".join(metrics)
-
-
-def _answer(code: int, kind: str, message: str) -> str:
-    return "return " + str(code) + " '" + json.dumps({"code": code, "type": kind, "message": message}).replace("'", "\\'") + "';"
 
 
 def render_hop(hop: HopSettings) -> str:
