@@ -203,15 +203,20 @@ def photographed_once(images: np.ndarray, rng: np.random.Generator) -> list:
     return [render_photo(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in images]
 
 
-def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float, seed: int) -> tuple[OODSpec, dict, dict]:
-    """Fit the features detector (``scripts.train.ood``) and set its threshold on the calibration split."""
+def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float,
+            seed: int) -> tuple[OODSpec, dict, dict, torch.Tensor]:
+    """Fit the features detector (``scripts.train.ood``) and set its threshold on the calibration split.
+
+    Also returns the model inputs it fitted on, the training garments as uploaded then each once as
+    a photo (``photographed_once``): the int8 model is calibrated on the same inputs."""
     rng = np.random.default_rng(seed)
     train_images, train_labels = ckpt["train"]
     photos = photographed_once(train_images, rng)
     outliers = ood.synthetic_outliers(train_images, rng, render_photo, STYLES)
-    sets = {}
+    sets, inputs = {}, {}
     for name, images in (("native", train_images), ("photos", photos), ("outliers", outliers)):
         x, signals = eval_inputs(images, spec)
+        inputs[name] = x
         sets[name] = (*features_of(model, x), signals)
     inside = tuple(torch.cat([a, b]) for a, b in zip(sets["native"], sets["photos"]))
     labels = torch.from_numpy(np.concatenate([train_labels, train_labels]))
@@ -227,7 +232,8 @@ def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float, seed: i
     # One threshold that flags at most false_alarm_rate of native and of photographed calibration garments.
     threshold = max(ood.threshold_at(scores["native"], false_alarm_rate), ood.threshold_at(scores["photos"], false_alarm_rate))
     summary = {name: round(float((s > threshold).float().mean()), 4) for name, s in scores.items()}
-    return OODSpec("features", round(threshold, 5), false_alarm_rate), detector.to_params(), summary
+    return (OODSpec("features", round(threshold, 5), false_alarm_rate), detector.to_params(), summary,
+            torch.cat([inputs["native"], inputs["photos"]]))
 
 
 def choose_threshold(confidence: torch.Tensor, wrong: torch.Tensor, ood_flag: torch.Tensor, target: float) -> float:
@@ -278,15 +284,18 @@ def check_int8(figures: dict, thresholds: quantize.Thresholds) -> None:
 
 
 def make_int8(args: argparse.Namespace, eager, scripted, spec: ModelSpec, ckpt: dict, ood_params: dict | None,
-              held_out: tuple) -> tuple[torch.jit.ScriptModule, dict]:
-    """The int8 model and its own extra files: ``quantization.json`` (its figures against fp32), golden answers."""
+              held_out: tuple, calibration: torch.Tensor | None = None) -> tuple[torch.jit.ScriptModule, dict]:
+    """The int8 model and its own extra files: ``quantization.json`` (its figures against fp32), golden answers.
+
+    ``calibration``: the training inputs ``fit_ood`` already made (the same images); made here when it did not run."""
     if "train" not in ckpt:
         raise ExportRefused("the checkpoint carries no training split to calibrate the int8 model on; "
                             "--no-int8 exports fp32 alone")
     # The training split as the server sees it: each garment as uploaded and as a photo in a random catalogue style
     # (calibrated on the native images alone, the gated policy lost 4 held-out images net to fp32 and was refused).
-    garments = ckpt["train"][0]
-    calibration, _ = eval_inputs(list(garments) + photographed_once(garments, np.random.default_rng(args.seed)), spec)
+    if calibration is None:
+        garments = ckpt["train"][0]
+        calibration, _ = eval_inputs(list(garments) + photographed_once(garments, np.random.default_rng(args.seed)), spec)
     int8 = quantize.quantize(eager, calibration)
     # What is saved must be what was measured: a save/load round trip re-packs the int8 weights.
     buffer = io.BytesIO()
@@ -350,9 +359,9 @@ def main(args: argparse.Namespace) -> dict:
     diff = check_parity(eager, scripted, x_hold[:256])
     temperature = fit_temperature(predict_logits(scripted, x_cal), y_cal)
     spec = dataclasses.replace(spec, temperature=round(temperature, 4))
-    ood_params, ood_summary = None, {}
+    ood_params, ood_summary, train_inputs = None, {}, None
     if spec.canonical is not None and "train" in ckpt:
-        ood_spec, ood_params, ood_summary = fit_ood(scripted, spec, ckpt, args.false_alarm_rate, args.seed)
+        ood_spec, ood_params, ood_summary, train_inputs = fit_ood(scripted, spec, ckpt, args.false_alarm_rate, args.seed)
         spec = dataclasses.replace(spec, ood=ood_spec)
     if args.threshold is not None:
         spec = dataclasses.replace(spec, threshold=args.threshold)
@@ -374,7 +383,7 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.int8:  # made and checked before anything is written: a refusal leaves the folder as it was
         int8, int8_extra = make_int8(args, eager, scripted, spec, ckpt, ood_params,
-                                     (x_hold, s_hold, hold_images, hold_labels))
+                                     (x_hold, s_hold, hold_images, hold_labels), train_inputs)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(args.out), _extra_files=extra)
