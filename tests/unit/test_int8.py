@@ -14,7 +14,7 @@ import torch
 
 from handler.errors import SpecError
 from handler.inference import Policy, classify
-from handler.loader import QUANTIZATION_FILENAME, int8_path, load, read_extra_file, read_model
+from handler.loader import EXTRA_FILES, QUANTIZATION_FILENAME, int8_path, load, read_extra_file, read_model
 from scripts.train import quantize
 from scripts.train.data import REPO, eval_inputs
 from scripts.train.export import ExportRefused, check_int8
@@ -51,7 +51,7 @@ def model_dir_with(folder, int8_file=None):
 
 def resaved_int8(path, spec_change=None, quantization_change=None):
     """The shipped int8 file saved again with a changed spec.json or quantization.json."""
-    extra = {name: "" for name in ("spec.json", "reference.json", "ood.json", "golden.json", QUANTIZATION_FILENAME)}
+    extra = dict.fromkeys((*EXTRA_FILES, QUANTIZATION_FILENAME), "")
     model = torch.jit.load(str(INT8), _extra_files=extra)
     for name, change in (("spec.json", spec_change), (QUANTIZATION_FILENAME, quantization_change)):
         if change:
