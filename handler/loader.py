@@ -9,8 +9,10 @@ import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import cv2
 import torch
 
+from handler import decode
 from handler.cores import cpu_count
 from handler.errors import SpecError
 from handler.inference import check_model
@@ -185,6 +187,8 @@ def load(context) -> Loaded:
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
     threads = resolve_threads(worker_settings.get("threads", "auto"), workers)
     torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)  # canonicalisation's OpenCV calls share the worker's cores like torch
+    decode.threads(threads)  # and so do the AVIF and HEIF decoders
 
     gpu_id = context.system_properties.get("gpu_id")
     device = torch.device(f"cuda:{gpu_id}") if torch.cuda.is_available() and gpu_id is not None else torch.device("cpu")

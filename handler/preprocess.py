@@ -12,218 +12,64 @@ decoder failure into a named 4xx error.
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import re
-import warnings
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from handler import v2
+from handler import decode, v2
 from handler.canonical import Canonical, canonicalise
-from handler.errors import EmptyRequest, ImageTooLarge, InvalidImage, RequestError, UnsupportedMediaType
+from handler.decode import FULL, Need
+from handler.errors import InvalidImage, RequestError, UnsupportedMediaType
 from handler.request import PROBE_HEADER, Options, header_options, parse_request
 from handler.spec import Limits, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-# Raster formats Pillow may decode here.  Restricting the list keeps exotic
-# decoders (EPS via Ghostscript, PSD, ...) away from untrusted input.
-Image.init()
-ACCEPTED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)
-ACCEPTED_HUMAN = "JPEG, PNG, GIF, WebP, BMP or TIFF"
-
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# The decoded image's relevant side is kept at least this many times the size the resize policy brings it to,
+# so the final resampling still filters (measured: docs/benchmarks.md, "Uploads").
+DECODE_MARGIN = 2.0
+# Re-exported for callers of the former single module.
+ACCEPTED_FORMATS, ACCEPTED_HUMAN = decode.ACCEPTED_FORMATS, decode.ACCEPTED_HUMAN
 
 
-def _describe_bytes(data: bytes) -> str:
-    head = data[:512].lstrip()
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    lowered = head.lower()
-    if b"<svg" in lowered or (lowered.startswith(b"<?xml") and b"svg" in data[:4096].lower()):
-        return "an SVG drawing (vector images are not decoded; rasterise it first)"
-    if lowered.startswith((b"<!doctype html", b"<html")):
-        return "an HTML page"
-    if head.startswith((b"{", b"[")):
-        return "JSON"
-    try:
-        text = data[:4096].decode("utf-8")
-    except UnicodeDecodeError:
-        return "unrecognised binary data"
-    if all(ch.isprintable() or ch.isspace() for ch in text):
-        return "plain text"
-    return "unrecognised binary data"
+def need(spec: ModelSpec) -> Need:
+    """How large a decoded upload must stay for this spec's next stage (``handler.decode.Need``).
 
-
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
-)
-
-
-def _signature(data: bytes) -> str | None:
-    """The accepted format whose magic bytes ``data`` starts with, if any."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _bomb(exc: Exception, limits: Limits) -> ImageTooLarge:
-    found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow: "Image size (N pixels) exceeds limit of ..."
-    size = f"{int(found.group(1)):,} pixels" if found else "more pixels than can be decoded safely"
-    return ImageTooLarge(
-        f"The image header claims {size}; the limit is {limits.max_pixels:,} pixels. Downscale it before sending."
-    )
-
-
-def _tiff_pages(data: bytes, limit: int) -> int:
-    """Pages of a TIFF, counted no further than ``limit + 1``.
-
-    Pillow's ``n_frames`` walks every page in quadratic time: a 10 MB TIFF of 80,000
-    tiny pages would hold a worker for minutes.  A separate probe leaves ``img`` on page 0.
+    - canonicalisation: the long side at least ``canonical.decode_size`` (512 for fashion_cnn:
+      the object's crop then keeps several times the 28-pixel input even when it fills a fifth of
+      the frame; the margin is measured in docs/benchmarks.md, "Uploads");
+    - ``crop``: the shorter side at least ``resize_size`` x ``DECODE_MARGIN``;
+    - ``pad`` / ``stretch``: the long / short side at least the input's larger side x ``DECODE_MARGIN``.
     """
-    probe = Image.open(io.BytesIO(data), formats=("TIFF",))
-    pages = 1
-    while pages <= limit:
-        try:
-            probe.seek(pages)
-        except EOFError:
-            break
-        pages += 1
-    return pages
+    if spec.canonical is not None:
+        return Need(long=spec.canonical.decode_size)
+    if spec.resize == "crop":
+        return Need(short=math.ceil(spec.resize_size * DECODE_MARGIN))
+    side = math.ceil(max(spec.input_size) * DECODE_MARGIN)
+    return Need(long=side) if spec.resize == "pad" else Need(short=side)
 
 
-def decode_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
-    """Decode untrusted bytes into a loaded PIL image (first frame), or raise a RequestError."""
-    if not data:
-        raise EmptyRequest(
-            "The request has no image. Send the image bytes as the request body, as a multipart "
-            'field "data", "file" or "image", or as JSON {"image": "<base64>"}.'
-        )
-    with warnings.catch_warnings():
-        # limits.max_pixels, checked below from the header, decides.  Pillow's warning at
-        # MAX_IMAGE_PIXELS (~89 MP) would cap a larger configured limit; its error at twice
-        # that stays as a hard ceiling.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise _bomb(exc, limits) from None
-        except Image.UnidentifiedImageError:
-            looks_like = _describe_bytes(data)
-            started = _signature(data) if looks_like == "unrecognised binary data" else None
-            if started:
-                raise InvalidImage(
-                    f"The data starts like a {started} file, but its header is truncated or corrupt. "
-                    "Send the complete file."
-                ) from None
-            raise UnsupportedMediaType(
-                f"The data is not an image in an accepted format (it looks like {looks_like}). "
-                f"Accepted formats: {ACCEPTED_HUMAN}."
-            ) from None
-        except Exception as exc:  # any decoder failure on untrusted bytes is the client's bad image
-            started = _signature(data)
-            if started:
-                raise InvalidImage(
-                    f"The data starts like a {started} file, but it is truncated or corrupt ({exc}). Send the complete file."
-                ) from None
-            raise InvalidImage(f"The image could not be read: {exc}. Send a complete {ACCEPTED_HUMAN} file.") from None
-
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise InvalidImage(f"The image has no pixels ({width}x{height}).")
-        if width * height > limits.max_pixels:
-            raise ImageTooLarge(
-                f"The image is {width}x{height} = {width * height:,} pixels; the limit is "
-                f"{limits.max_pixels:,} pixels. Downscale it before sending."
-            )
-        try:
-            frames = _tiff_pages(data, limits.max_frames) if img.format == "TIFF" else getattr(img, "n_frames", 1)
-            if frames > limits.max_frames:
-                counted = f"more than {limits.max_frames}" if img.format == "TIFF" else f"{frames}"
-                raise ImageTooLarge(
-                    f"The image has {counted} frames; the limit is {limits.max_frames}. "
-                    "Send a single frame or a shorter animation."
-                )
-            if frames > 1:
-                img.seek(0)  # animated images are classified on their first frame
-            img.load()
-        except ImageTooLarge:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise _bomb(exc, limits) from None
-        except Exception as exc:
-            raise InvalidImage(
-                f"The {img.format} image is corrupt or truncated ({exc}). Send the complete file."
-            ) from None
-    return img
-
-
-def _exif_upright(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:  # a broken EXIF block must not cost the client its answer
-        logger.warning("Ignoring unreadable EXIF orientation: %s", exc)
-        return img
-
-
-def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer, and float, grayscale -> 8-bit 'L'.
-
-    Integer images are scaled by their container's range (16-bit: /257); 32-bit
-    integer images whose values fit 0..255 are kept as they are.  Float images
-    with values in [0, 1] are scaled to 0..255; other float images are clipped
-    to 0..255.  NaN becomes 0.
-    """
-    arr = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        arr = arr.astype(np.float32) / 257.0
-    elif img.mode == "I":
-        arr = arr.astype(np.float64)
-        peak = float(arr.max(initial=0))
-        if peak > 65535:
-            arr = arr * (255.0 / peak)
-        elif peak > 255:
-            arr = arr / 257.0
-    else:  # "F"
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            arr = arr * 255.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+def decode_image(data: bytes, limits: Limits = Limits(), need: Need = FULL, background: tuple[int, ...] = (0,)) -> Image.Image:
+    """Untrusted bytes -> an upright 8-bit 'L'/'RGB' image at least ``need`` large, or a RequestError."""
+    return decode.decode(data, limits.max_pixels, limits.max_frames, need, background)
 
 
 def upright_8bit(img: Image.Image, spec: ModelSpec) -> Image.Image:
-    """Upright the image and bring any Pillow mode to 8-bit 'L' or 'RGB', keeping its colour.
+    """Reduce the image to what the spec needs, upright it, and bring any Pillow mode to 8-bit 'L' or 'RGB',
+    keeping its colour: what ``decode_image`` makes of the same picture sent as a PNG.
 
     Transparent pixels are composited onto ``spec.background`` (not dropped), so a
     transparent PNG looks like the training data's background.
     """
-    img = _exif_upright(img)
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = _high_depth_to_8bit(img)
-    has_alpha = img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if has_alpha:
-        bg = spec.background if len(spec.background) == 3 else spec.background * 3
-        base = Image.new("RGBA", img.size, (*bg, 255))
-        img = Image.alpha_composite(base, img.convert("RGBA"))
-    if img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")
-    return img
+    return decode.upright(img, spec.background, need(spec))
 
 
 def model_mode(spec: ModelSpec) -> str:
     return "L" if spec.channels == 1 else "RGB"
-
-
-def to_model_mode(img: Image.Image, spec: ModelSpec) -> Image.Image:
-    """Upright the image and convert any Pillow mode to 'L' or 'RGB' as the spec asks."""
-    img = upright_8bit(img, spec)
-    target = model_mode(spec)
-    return img if img.mode == target else img.convert(target)
 
 
 def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
@@ -273,21 +119,32 @@ def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tor
 
 
 def canonical_image(img: Image.Image, spec: ModelSpec) -> Canonical:
-    """The image the model sees, in its mode and size, with the raw-image signals.
+    """The image the model sees, in its mode and size, with the raw-image signals, for any PIL image.
 
     With ``spec.canonical`` the photo is canonicalised (``handler.canonical``);
     without it, it is resized by ``spec.resize`` and has no signals.
     """
+    return _canonical(upright_8bit(img, spec), spec)
+
+
+def _canonical(img: Image.Image, spec: ModelSpec) -> Canonical:
+    """``canonical_image`` of an image that is already upright and 8-bit 'L' or 'RGB' (``handler.decode``'s output)."""
     if spec.canonical is None:
-        return Canonical(resize(to_model_mode(img, spec), spec), (), False)
-    return canonicalise(upright_8bit(img, spec), spec.canonical, spec.input_size, model_mode(spec), spec.background)
+        target = model_mode(spec)
+        return Canonical(resize(img if img.mode == target else img.convert(target), spec), (), False)
+    return canonicalise(img, spec.canonical, spec.input_size, model_mode(spec), spec.background)
+
+
+def _input(canonical: Canonical, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    signals = torch.tensor(canonical.signals, dtype=torch.float32) if canonical.signals else None
+    return to_tensor(canonical.image, spec), signals
 
 
 def image_to_input(img: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The one preprocessing path shared by training and serving: (tensor, signals or None)."""
-    canonical = canonical_image(img, spec)
-    signals = torch.tensor(canonical.signals, dtype=torch.float32) if canonical.signals else None
-    return to_tensor(canonical.image, spec), signals
+    """The one preprocessing path shared by training and serving, for a decoded PIL image: (tensor, signals or None).
+
+    Uploads take ``bytes_to_input``, which decodes no larger than needed and then runs the same stages."""
+    return _input(canonical_image(img, spec), spec)
 
 
 def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
@@ -296,12 +153,16 @@ def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
 
 
 def bytes_to_input(data: bytes, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Untrusted bytes -> (model input tensor, signals), or a RequestError naming the problem."""
-    img = decode_image(data, spec.limits)
+    """Untrusted bytes -> (model input tensor, signals), or a RequestError naming the problem.
+
+    request bytes -> decode (``handler.decode``: limits, the needed scale, upright, 8-bit) -> canonicalise or
+    resize -> tensor; training's photos take this same path (``scripts.train.data.eval_bytes``)."""
+    img = decode_image(data, spec.limits, need(spec), spec.background)
     try:
-        return image_to_input(img, spec)
+        return _input(_canonical(img, spec), spec)
     except Exception as exc:  # a decodable image Pillow still cannot convert is the client's
-        raise InvalidImage(f"The {img.format} image in mode {img.mode} could not be converted: {exc}.") from None
+        raise InvalidImage(f"The image in mode {img.mode} ({img.size[0]}x{img.size[1]} decoded) could not be "
+                           f"converted: {exc}.") from None
 
 
 def bytes_to_tensor(data: bytes, spec: ModelSpec) -> torch.Tensor:

@@ -30,7 +30,7 @@ MODEL = "fashion_cnn"
 BOOT = Image.open(EXAMPLE).convert("L")  # 28x28 Fashion-MNIST ankle boot: white garment on black
 GRAY = np.asarray(BOOT)
 LIMITS = yaml.safe_load((REPO / "handler" / "model-config.yaml").read_text())["handler"]["limits"]
-ACCEPTED = "Accepted formats: JPEG, PNG, GIF, WebP, BMP or TIFF"
+ACCEPTED = "Accepted formats: JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -170,7 +170,7 @@ JSON = {"Content-Type": "application/json"}
 BAD = [  # (request, headers, status, type, fragment of the message)
     ({"body": b""}, {}, 400, "EmptyRequest", "has no image"),
     ({"body": b"just some text"}, {}, 415, "UnsupportedMediaType", "plain text"),
-    ({"body": RNG.integers(0, 256, 3000, dtype=np.uint8).tobytes()}, {}, 415, "UnsupportedMediaType", "JPEG, PNG, GIF, WebP, BMP or TIFF"),
+    ({"body": RNG.integers(0, 256, 3000, dtype=np.uint8).tobytes()}, {}, 415, "UnsupportedMediaType", "JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"),
     ({"body": _png(1)[:60]}, {}, 400, "InvalidImage", "truncated"),
     ({"body": _png(1)[:12]}, {}, 400, "InvalidImage", "starts like a PNG file"),
     ({"body": b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"}, {}, 415, "UnsupportedMediaType", "PDF"),
