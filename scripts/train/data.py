@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from handler.canonical import CanonicalSpec
-from handler.preprocess import canonical_image, image_to_input
+from handler.preprocess import bytes_to_input, canonical_image, image_to_input
 from handler.spec import FASHION_MNIST_CLASSES, ModelSpec
 
 REPO = Path(__file__).resolve().parents[2]  # scripts/<package>/<module>.py -> the repository
@@ -165,11 +165,14 @@ def split(dataset: Dataset, seed: int = 0, holdout: float = 0.2, calib: float = 
 
 
 def eval_inputs(images, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training's eval transform: the handler's ``image_to_input`` on every image (arrays or PIL images).
+    """Training's eval transform: what the handler makes of every image.
 
-    Returns the stacked tensors and the raw-image signals (None without canonicalisation).
+    Items may be arrays or PIL images (``image_to_input``) or encoded files (``bytes``: the handler's own
+    ``bytes_to_input``, decoding at the scale it needs, exactly as an upload). Returns the stacked tensors
+    and the raw-image signals (None without canonicalisation).
     """
-    pairs = [image_to_input(_as_image(img), spec) for img in images]
+    pairs = [bytes_to_input(img, spec) if isinstance(img, bytes) else image_to_input(_as_image(img), spec)
+             for img in images]
     tensors = torch.stack([t for t, _ in pairs])
     signals = torch.stack([s for _, s in pairs]) if pairs and pairs[0][1] is not None else None
     return tensors, signals

@@ -44,7 +44,7 @@ from handler.tta import split_views
 from scripts.train import ood, quantize
 from scripts.train.data import REPO, eval_inputs
 from scripts.train.model import FashionCNN
-from scripts.train.photos import STYLES, render_all, render_photo
+from scripts.train.photos import STYLES, render_all, render_photo_bytes
 from scripts.train.train import predict_logits
 
 PARITY_TOLERANCE = 1e-5
@@ -192,15 +192,15 @@ def features_of(model, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Te
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def photographed(images: np.ndarray, seed: int) -> list:
-    """Every garment rendered once in every catalogue style (``scripts.train.photos``)."""
-    return [photo for style in STYLES for photo in render_all(images, style, seed)]
+def photographed(images: np.ndarray, seed: int) -> list[bytes]:
+    """Every garment rendered once in every catalogue style (``scripts.train.photos``): the JPEG files."""
+    return [photo for style in STYLES for photo in render_all(images, style, seed, as_bytes=True)]
 
 
-def photographed_once(images: np.ndarray, rng: np.random.Generator) -> list:
+def photographed_once(images: np.ndarray, rng: np.random.Generator) -> list[bytes]:
     """Every garment rendered once, in a catalogue style drawn from ``rng``: the training split as the server
     also sees it, for the detector's fit and the int8 calibration."""
-    return [render_photo(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in images]
+    return [render_photo_bytes(g, STYLES[int(rng.integers(len(STYLES)))], rng) for g in images]
 
 
 def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float,
@@ -212,7 +212,7 @@ def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float,
     rng = np.random.default_rng(seed)
     train_images, train_labels = ckpt["train"]
     photos = photographed_once(train_images, rng)
-    outliers = ood.synthetic_outliers(train_images, rng, render_photo, STYLES)
+    outliers = ood.synthetic_outliers(train_images, rng, render_photo_bytes, STYLES)
     sets, inputs = {}, {}
     for name, images in (("native", train_images), ("photos", photos), ("outliers", outliers)):
         x, signals = eval_inputs(images, spec)
@@ -313,7 +313,7 @@ def make_int8(args: argparse.Namespace, eager, scripted, spec: ModelSpec, ckpt: 
     about = {"native": "the held-out split as uploaded",
              "photos": f"the held-out split rendered in each catalogue style ({', '.join(STYLES)})"}
     if ood_params is not None:  # garments of the held-out split made into non-garments (scripts.train.ood)
-        sets["outliers"] = (*eval_inputs(ood.synthetic_outliers(hold_images, rng, render_photo, STYLES), spec), None)
+        sets["outliers"] = (*eval_inputs(ood.synthetic_outliers(hold_images, rng, render_photo_bytes, STYLES), spec), None)
         about["outliers"] = "one synthetic non-garment per held-out garment (scripts.train.ood.synthetic_outliers)"
     thresholds = quantize.Thresholds(args.int8_min_agreement, args.int8_max_accuracy_drop, args.int8_min_ood_agreement)
     figures = quantize.evaluate(scripted, int8, sets, spec, ood_params)

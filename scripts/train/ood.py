@@ -86,12 +86,13 @@ def synthetic_outlier(garments: np.ndarray, i: int, kind: str, rng: np.random.Ge
     return Image.fromarray(np.clip(b, 0, 255).astype(np.uint8))
 
 
-def synthetic_outliers(garments: np.ndarray, rng: np.random.Generator, render=None, styles=()) -> list[Image.Image]:
+def synthetic_outliers(garments: np.ndarray, rng: np.random.Generator, render=None, styles=()) -> list[Image.Image | bytes]:
     """One outlier per training garment, the kinds in turn.
 
     Half of them are presented as they are, half photographed like the garments
-    (``render(pattern, style, rng)``, the catalogue renderer): the framing then says
-    nothing about being an outlier, and the detector must learn from the content.
+    (``render(pattern, style, rng)``, the catalogue renderer: a PIL image or the JPEG file's
+    bytes): the framing then says nothing about being an outlier, and the detector must
+    learn from the content.
     """
     out = []
     for i in range(len(garments)):

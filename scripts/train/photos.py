@@ -46,14 +46,11 @@ _TINTED_BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
 # Small helpers
 
 
-def _jpeg(img: Image.Image, rng: np.random.Generator, quality: tuple[int, int] = (70, 95)) -> Image.Image:
-    """Encode ``img`` as JPEG with a random quality in ``quality`` (inclusive) and decode it again."""
+def _jpeg(img: Image.Image, rng: np.random.Generator, quality: tuple[int, int] = (70, 95)) -> bytes:
+    """Encode ``img`` as JPEG with a random quality in ``quality`` (inclusive): the bytes a shop uploads."""
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
-    buffer.seek(0)
-    decoded = Image.open(buffer)
-    decoded.load()
-    return decoded
+    return buffer.getvalue()
 
 
 def to_image(arr: np.ndarray) -> Image.Image:
@@ -125,7 +122,7 @@ def _light_garment_colour(rng: np.random.Generator) -> np.ndarray:
 # Garment renders
 
 
-def _render_light_background(garment: np.ndarray, rng: np.random.Generator, tinted: bool) -> Image.Image:
+def _render_light_background(garment: np.ndarray, rng: np.random.Generator, tinted: bool) -> bytes:
     factor = rng.uniform(4.0, 10.0)
     side = round(GARMENT_SIZE * factor)
     resample = Image.BICUBIC if rng.random() < 0.5 else Image.LANCZOS
@@ -144,7 +141,7 @@ def _render_light_background(garment: np.ndarray, rng: np.random.Generator, tint
     return _jpeg(to_image(out), rng)
 
 
-def _render_dark_small(garment: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _render_dark_small(garment: np.ndarray, rng: np.random.Generator) -> bytes:
     side = round(GARMENT_SIZE * rng.uniform(1.0, 3.0))
     resample = Image.BICUBIC if rng.random() < 0.5 else Image.LANCZOS
     width, height, left, top = _frame(side, rng, (3.0, 7.0))
@@ -155,7 +152,7 @@ def _render_dark_small(garment: np.ndarray, rng: np.random.Generator) -> Image.I
     return _jpeg(to_image(out), rng)
 
 
-def _render_studio_shadow(garment: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _render_studio_shadow(garment: np.ndarray, rng: np.random.Generator) -> bytes:
     factor = rng.uniform(4.0, 9.0)
     side = round(GARMENT_SIZE * factor)
     resample = Image.BICUBIC if rng.random() < 0.5 else Image.LANCZOS
@@ -178,7 +175,7 @@ def _render_studio_shadow(garment: np.ndarray, rng: np.random.Generator) -> Imag
     return _jpeg(blurred, rng)
 
 
-def _render_dark_studio(garment: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def _render_dark_studio(garment: np.ndarray, rng: np.random.Generator) -> bytes:
     side = round(GARMENT_SIZE * rng.uniform(4.0, 8.0))
     resample = Image.BICUBIC if rng.random() < 0.5 else Image.LANCZOS
     width, height, left, top = _frame(side, rng, (1.35, 2.2))
@@ -191,8 +188,8 @@ def _render_dark_studio(garment: np.ndarray, rng: np.random.Generator) -> Image.
     return _jpeg(to_image(out), rng)
 
 
-def render_photo(garment: np.ndarray, style: str, rng: np.random.Generator) -> Image.Image:
-    """Render one Fashion-MNIST garment the way a shop would photograph it.
+def render_photo_bytes(garment: np.ndarray, style: str, rng: np.random.Generator) -> bytes:
+    """Render one Fashion-MNIST garment the way a shop would photograph it: the JPEG file's bytes.
 
     Args:
         garment: (28, 28) uint8 array, white garment on black (Fashion-MNIST polarity).
@@ -200,11 +197,12 @@ def render_photo(garment: np.ndarray, style: str, rng: np.random.Generator) -> I
         rng: the only source of randomness; the same generator state gives the same image.
 
     Returns:
-        An 'RGB' PIL image, decoded from a JPEG encoding (quality 70-95), larger than
-        28x28 and usually not square.  The garment is upscaled with a smooth filter
-        (bicubic or Lanczos) and always lies entirely inside the frame.  On light
-        backgrounds its intensities are inverted (``alpha = garment / 255`` blends a
-        dark fabric colour over the backdrop, so a white backdrop gives ``255 - garment``).
+        A JPEG (quality 70-95) of an RGB picture larger than 28x28 and usually not square.
+        The garment is upscaled with a smooth filter (bicubic or Lanczos) and always lies
+        entirely inside the frame.  On light backgrounds its intensities are inverted
+        (``alpha = garment / 255`` blends a dark fabric colour over the backdrop, so a white
+        backdrop gives ``255 - garment``).  Training and evaluation send these bytes through
+        the server's own decoding (``handler.preprocess.bytes_to_input``).
     """
     garment = np.asarray(garment)
     if garment.shape != (GARMENT_SIZE, GARMENT_SIZE) or garment.dtype != np.uint8:
@@ -222,12 +220,28 @@ def render_photo(garment: np.ndarray, style: str, rng: np.random.Generator) -> I
     raise ValueError(f"unknown style {style!r}; valid styles are {', '.join(STYLES)}")
 
 
+def decoded(data: bytes) -> Image.Image:
+    """A rendered JPEG as a loaded PIL image (every pixel: for pictures, contact sheets and tools that
+    take images; the server's path is the bytes)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def render_photo(garment: np.ndarray, style: str, rng: np.random.Generator) -> Image.Image:
+    """:func:`render_photo_bytes`, decoded: an 'RGB' PIL image."""
+    return decoded(render_photo_bytes(garment, style, rng))
+
+
 def style_rng(style: str, seed: int) -> np.random.Generator:
     """The generator :func:`render_all` uses for ``style``: independent per style, fixed by ``seed``."""
     return np.random.default_rng([seed, STYLES.index(style)])
 
 
-def render_all(garments: Sequence[np.ndarray] | np.ndarray, style: str, seed: int = 0) -> list[Image.Image]:
-    """``render_photo`` on every garment in order with one generator per (style, seed): reproducible sets."""
+def render_all(garments: Sequence[np.ndarray] | np.ndarray, style: str, seed: int = 0,
+               as_bytes: bool = False) -> list[Image.Image] | list[bytes]:
+    """``render_photo`` on every garment in order with one generator per (style, seed): reproducible sets
+    (``as_bytes``: the JPEG files, as uploaded)."""
     rng = style_rng(style, seed)
-    return [render_photo(g, style, rng) for g in garments]
+    data = [render_photo_bytes(g, style, rng) for g in garments]
+    return data if as_bytes else [decoded(d) for d in data]

@@ -35,7 +35,7 @@ from handler.spec import ModelSpec
 from handler.tta import background_fill
 from scripts.train.data import REPO, eval_tensors, fashion_spec, load_dataset, split
 from scripts.train.model import FashionCNN
-from scripts.train.photos import STYLES, render_photo
+from scripts.train.photos import STYLES, render_photo_bytes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,13 +100,13 @@ def affine_jitter(x: torch.Tensor, fill: torch.Tensor, degrees: float, scale: fl
 def _render_variants(job: tuple[np.ndarray, int, int, ModelSpec]) -> torch.Tensor:
     garment, seed, count, spec = job
     rng = np.random.default_rng(seed)
-    photos = [render_photo(garment, STYLES[int(rng.integers(len(STYLES)))], rng) for _ in range(count)]
-    return eval_tensors(photos, spec)
+    photos = [render_photo_bytes(garment, STYLES[int(rng.integers(len(STYLES)))], rng) for _ in range(count)]
+    return eval_tensors(photos, spec)  # the JPEG files through the server's own decoding
 
 
 def photo_pool(images: np.ndarray, spec: ModelSpec, count: int, seed: int) -> torch.Tensor:
-    """(N, count, C, H, W): each training image rendered as ``count`` catalogue photos (random styles)
-    and brought back by the server's preprocessing (``handler.preprocess.image_to_input``)."""
+    """(N, count, C, H, W): each training image rendered as ``count`` catalogue photos (random styles, JPEG files)
+    and brought back by the server's own path from the bytes (``handler.preprocess.bytes_to_input``)."""
     jobs = [(img, seed * 1_000_003 + i, count, spec) for i, img in enumerate(images)]
     with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
         rendered = list(tqdm(pool.imap(_render_variants, jobs, chunksize=32), total=len(jobs), desc="render photos",
