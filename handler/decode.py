@@ -71,6 +71,8 @@ class Need:
 
     def factor(self, width: int, height: int, limit: int | None = None) -> int:
         """The largest integer reduction that keeps this need (at most ``limit``), 1 if none."""
+        if not self.short and not self.long:
+            return 1  # no need stated: every pixel
         short, long_ = min(width, height), max(width, height)
         factor = min(short // self.short if self.short else short, long_ // self.long if self.long else long_)
         return max(1, min(factor, limit or factor))
@@ -128,6 +130,11 @@ def signature(data: bytes) -> str | None:
     return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
+def _a(name: str) -> str:
+    """'a PNG', 'an AVIF'."""
+    return f"an {name}" if name[:1] in "AEIOU" else f"a {name}"
+
+
 def _bomb(exc: Exception, max_pixels: int) -> ImageTooLarge:
     found = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow: "Image size (N pixels) exceeds limit of ..."
     size = f"{int(found.group(1)):,} pixels" if found else "more pixels than can be decoded safely"
@@ -158,9 +165,9 @@ def _refuse_unreadable(data: bytes) -> Exception:
         supported = started in ("WebP", "PNG", "JPEG", "GIF", "TIFF", "BMP") or (
             started in ("HEIC", "HEIF") and "HEIF" in ACCEPTED_FORMATS) or (started == "AVIF" and "AVIF" in ACCEPTED_FORMATS)
         if not supported:
-            return UnsupportedMediaType(f"The data is a {started} image, which this server cannot decode. "
+            return UnsupportedMediaType(f"The data is {_a(started)} image, which this server cannot decode. "
                                         f"Accepted formats: {ACCEPTED_HUMAN}.")
-        return InvalidImage(f"The data starts like a {started} file, but its header is truncated or corrupt. "
+        return InvalidImage(f"The data starts like {_a(started)} file, but its header is truncated or corrupt. "
                             "Send the complete file.")
     return UnsupportedMediaType(f"The data is not an image in an accepted format (it looks like {looks_like}). "
                                 f"Accepted formats: {ACCEPTED_HUMAN}.")
@@ -183,7 +190,7 @@ def open_image(data: bytes, max_pixels: int, max_frames: int) -> Image.Image:
         started = signature(data)
         if started:
             raise InvalidImage(
-                f"The data starts like a {started} file, but it is truncated or corrupt ({exc}). Send the complete file."
+                f"The data starts like {_a(started)} file, but it is truncated or corrupt ({exc}). Send the complete file."
             ) from None
         raise InvalidImage(f"The image could not be read: {exc}. Send a complete {ACCEPTED_HUMAN} file.") from None
     width, height = img.size
@@ -219,7 +226,7 @@ def _load(img: Image.Image, need: Need) -> Image.Image:
     """Decode ``img`` (opened): its first frame, a JPEG at the smallest DCT scale that keeps ``need``."""
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # animated images are classified on their first frame
-    if img.format in _DRAFTABLE and need != FULL:
+    if img.format in _DRAFTABLE:
         factor = need.factor(*img.size, limit=8)
         if factor > 1:  # libjpeg picks the largest of 1/2, 1/4, 1/8 that keeps this size
             img.draft(None, (img.size[0] // factor, img.size[1] // factor))
@@ -229,7 +236,7 @@ def _load(img: Image.Image, need: Need) -> Image.Image:
 
 def reduce(img: Image.Image, need: Need) -> Image.Image:
     """Shrink a decoded image by the largest integer factor that keeps ``need`` (a box filter), if any."""
-    factor = need.factor(*img.size) if need != FULL else 1
+    factor = need.factor(*img.size)
     if factor <= 1:
         return img
     if img.mode.startswith("I;16"):

@@ -87,7 +87,7 @@ def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, u
     probs = torch.softmax(base / policy.temperature, dim=-1)
     n_views = torch.ones(n, dtype=torch.long, device=base.device)
     disagree = torch.zeros(n, dtype=torch.bool, device=base.device)
-    view_probs = [p.unsqueeze(0) for p in probs]
+    view_probs = list(probs.unsqueeze(1).unbind(0))  # one (1, K) view per image; replaced below where merged
     extra = policy.views[1:]
     wanted = use_tta if policy.gate is None else use_tta & policy.gate.opens(probs)
     if force is not None:
@@ -173,16 +173,16 @@ def infer(model, slots: list, policy: Policy, device: torch.device | None = None
         policy = dataclasses.replace(policy, fill=policy.fill.to(device))
     result = classify(model, x, use_tta.to(x.device), policy, s, force.to(x.device))
     out = [slot if not isinstance(slot, Prepared) else [] for slot in slots]
+    # Python values and CPU rows for the whole batch at once, not one tensor index per image and field.
+    probs = result.probs.cpu().unbind(0)
+    n_views, disagree = result.n_views.tolist(), result.disagree.tolist()
+    scores = None if result.ood_score is None else result.ood_score.tolist()
+    flags = None if result.ood is None else result.ood.tolist()
     for row, idx in enumerate(owners):
         ood = {}
-        if result.ood_score is not None:
-            ood = dict(ood_score=float(result.ood_score[row]), ood=bool(result.ood[row]))
+        if scores is not None:
+            ood = dict(ood_score=scores[row], ood=flags[row])
             if slots[idx].explain:  # the parts are shown by /explanations only
                 ood["ood_parts"] = {name: float(part[row]) for name, part in result.ood_parts.items()}
-        out[idx].append(
-            ImageResult(
-                result.probs[row].cpu(), int(result.n_views[row]), bool(result.disagree[row]), result.view_probs[row].cpu(),
-                **ood,
-            )
-        )
+        out[idx].append(ImageResult(probs[row], n_views[row], disagree[row], result.view_probs[row].cpu(), **ood))
     return out

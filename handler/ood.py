@@ -58,13 +58,22 @@ class Layer:
     start: int
     stop: int
     means: torch.Tensor  # (K, D)
-    precision: torch.Tensor  # (D, D)
+    precision: torch.Tensor  # (D, D), symmetric
+
+    def __post_init__(self) -> None:
+        # (x - m)' P (x - m) = x'Px - 2 (Pm)'x + m'Pm: two matrix products per batch instead of a (N, K, D)
+        # difference tensor; in float64, so the expansion loses nothing to cancellation.
+        p, m = self.precision.double(), self.means.double()
+        object.__setattr__(self, "_precision64", p)
+        object.__setattr__(self, "_pm", m @ p)  # (K, D); P is symmetric, so m'P = (Pm)'
+        object.__setattr__(self, "_mpm", (m @ p * m).sum(dim=1))  # (K,)
 
     def distance(self, embedding: torch.Tensor) -> torch.Tensor:
         """Smallest squared Mahalanobis distance to a class mean, per row, divided by the dimension."""
-        z = embedding[:, self.start : self.stop].unsqueeze(1) - self.means.unsqueeze(0)  # (N, K, D)
-        d = torch.einsum("nkd,de,nke->nk", z, self.precision, z)
-        return d.min(dim=1).values / (self.stop - self.start)
+        x = embedding[:, self.start : self.stop].double()
+        quad = ((x @ self._precision64) * x).sum(dim=1, keepdim=True)  # (N, 1)
+        d = (quad - 2.0 * (x @ self._pm.T) + self._mpm).clamp_min(0.0)  # (N, K)
+        return (d.min(dim=1).values / (self.stop - self.start)).float()
 
 
 def expand(z: torch.Tensor) -> torch.Tensor:

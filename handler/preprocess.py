@@ -102,20 +102,24 @@ def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
 
 
 def to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
-    """8-bit 'L'/'RGB' image of the input size -> float32 tensor (C, H, W), normalised."""
-    arr = np.array(img, dtype=np.uint8, copy=True)
-    tensor = torch.from_numpy(arr)
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    tensor = tensor.to(torch.float32).div_(255.0)
-    mean, std = _normalisation(spec.mean, spec.std)
-    return tensor.sub_(mean).div_(std).contiguous()
+    """8-bit 'L'/'RGB' image of the input size -> float32 tensor (C, H, W), normalised.
+
+    Through a per-channel table of the 256 possible values, made by the very float32 operations
+    (``/ 255``, ``- mean``, ``/ std``) the per-pixel form applies: the same bits, one lookup per pixel."""
+    table = _normalisation(spec.mean, spec.std)
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        return torch.from_numpy(table[0][arr][None])
+    return torch.from_numpy(np.stack([table[c][arr[..., c]] for c in range(arr.shape[2])]))
 
 
 @functools.lru_cache(maxsize=8)
-def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean/std as (C, 1, 1) tensors, built once per spec rather than once per image."""
-    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
-            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(C, 256) float32: ((v / 255) - mean) / std for every 8-bit v, computed once per spec."""
+    values = torch.arange(256, dtype=torch.uint8).to(torch.float32).div_(255.0).expand(len(mean), 256).clone()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1)
+    return values.sub_(mean_t).div_(std_t).numpy()
 
 
 def canonical_image(img: Image.Image, spec: ModelSpec) -> Canonical:

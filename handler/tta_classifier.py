@@ -61,6 +61,7 @@ class TTAClassifierHandler(BaseHandler):
         if any(getattr(slot, "explain", False) for slot in slots):  # only batches that asked pay and report it
             stages["explain"] = t3 - t2
         self.quality.stages(stages)
+        self.quality.flush()  # the batch's metric lines in one write
         return output
 
     def preprocess(self, data):

@@ -116,17 +116,48 @@ def test_an_unknown_model_config_setting_fails_at_load_naming_valid_ones(tiny_mo
         TTAClassifierHandler().initialize(ctx)
 
 
+def metric_lines(caplog) -> list[str]:
+    """Every [METRICS] line logged (a batch's lines travel in one record, one per line)."""
+    return [line for r in caplog.records for line in r.getMessage().splitlines() if line.startswith("[METRICS]")]
+
+
 def test_quality_metrics_are_emitted_with_their_dimensions(tiny_handler, caplog):
     handler, ctx = tiny_handler
     with caplog.at_level(logging.INFO):
         run_batch(handler, ctx, [({"body": image(7)}, {}), ({"body": b""}, {}), ({"body": image(8)}, {})])
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    lines = metric_lines(caplog)
     names = {line[len("[METRICS]"):].split(".")[0] for line in lines}
     assert {"PredictionsPerLabel", "TopConfidence", "RejectedRequests", "StageLatency"} <= names
     rejected = [line for line in lines if line.startswith("[METRICS]RejectedRequests")]
     assert len(rejected) == 1 and "Reason:empty" in rejected[0] and "ModelName:tiny" in rejected[0]
     predicted = sum(float(line.split(":")[1].split("|")[0]) for line in lines if line.startswith("[METRICS]PredictionsPerLabel"))
     assert predicted == 2
+
+
+def test_a_batchs_metric_lines_are_one_write_in_torchserves_own_format(tiny_handler, caplog, monkeypatch):
+    """One log record per batch (TorchServe's stream handler flushes each record), whose lines are exactly
+    what TorchServe's CachingMetric.emit_metrics logs for the same updates, so the frontend reads them alike."""
+    import time
+
+    from handler import metrics
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.5)
+    handler, ctx = tiny_handler
+    with caplog.at_level(logging.INFO):
+        run_batch(handler, ctx, [({"body": image(7)}, {}), ({"body": b""}, {}), ({"body": image(8)}, {})])
+    records = [r for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    assert len(records) == 1 and len(records[0].getMessage().splitlines()) >= 6
+    ours = records[0].getMessage().splitlines()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the same updates through TorchServe's own per-update emission
+        for line in ours:
+            name = line[len("[METRICS]"):].split(".")[0]
+            metric = next(m for m in metrics.ALL if m[0] == name)
+            value = line.split(":", 1)[1].split("|")[0]
+            dims = [d.split(":", 1)[1] for d in line.split("|#")[1].split(",")]
+            ctx.metrics.get_metric(name, metric[1]).add_or_update(float(value) if "." in value else int(value), dims)
+    theirs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    assert ours == theirs
 
 
 def test_readiness_probes_are_answered_but_kept_out_of_the_quality_metrics(tiny_handler, caplog):
@@ -136,7 +167,7 @@ def test_readiness_probes_are_answered_but_kept_out_of_the_quality_metrics(tiny_
         statuses, bodies = run_batch(handler, ctx, [({"body": image(7)}, {"X-Readiness-Probe": "true"}),
                                                     ({"body": image(8)}, {})])
     assert statuses == [200, 200] and "label" in bodies[0]
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    lines = metric_lines(caplog)
     predicted = sum(float(line.split(":")[1].split("|")[0]) for line in lines if line.startswith("[METRICS]PredictionsPerLabel"))
     confidences = [line for line in lines if line.startswith("[METRICS]TopConfidence")]
     assert predicted == 1 and len(confidences) == 1
