@@ -5,6 +5,7 @@ a reduced decode answers like a full one."""
 from __future__ import annotations
 
 import io
+
 import numpy as np
 import pytest
 import torch
