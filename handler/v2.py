@@ -62,6 +62,7 @@ _BINARY_HINT = ("With the binary tensor data extension, send the JSON header, th
                 'length in "parameters": {"binary_data_size": n}. A BYTES element is a 4-byte little-endian length, '
                 "then that many bytes (an image element: the image file).")
 _DIGITS = re.compile(r"\+?[0-9]{1,12}")
+_FILE_STARTS = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*", b"BM")
 
 
 class InvalidV2Request(InvalidJSON):
@@ -153,6 +154,9 @@ def bytes_elements(data: bytes, count: int, where: str) -> list[bytes]:
                                    f"length should be. {_BINARY_HINT}")
         (size,) = struct.unpack_from("<I", data, offset)
         offset += 4
+        if size > len(data) - offset and data[offset - 4:offset].startswith(_FILE_STARTS):
+            raise InvalidV2Request(f"{where}: element {len(elements)} starts like an image file, not with its length: "
+                                   "put each element's length (4 bytes, little-endian) before it. " + _BINARY_HINT)
         if size > len(data) - offset:
             raise InvalidV2Request(f"{where}: element {len(elements)} says it is {size} bytes long, but only "
                                    f"{len(data) - offset} bytes remain. {_BINARY_HINT}")

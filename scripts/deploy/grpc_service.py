@@ -16,8 +16,8 @@ come back as ``raw_output_contents``.
 The message classes are the generated ones ``tritonclient`` publishes (Triton's
 grpc_service.proto: package ``inference``, service ``GRPCInferenceService``, whose KServe part,
 the six calls served here, is KServe's grpc_predict_v2.proto message for message and field for
-field; the integration tests call it with kserve's own client too). The other calls of Triton's
-service answer UNIMPLEMENTED.
+field; the integration tests call it with kserve's own client too). Any other call answers
+UNIMPLEMENTED; bytes that are not the call's message, INVALID_ARGUMENT.
 
     python -m scripts.deploy.grpc_service --socket run/grpc.sock --upstream http://127.0.0.1:8080
 
@@ -176,12 +176,12 @@ def infer_response(pb, doc: dict, tail: bytes, model: str):
     return resp
 
 
-def build_servicer(upstream: Upstream):
+def build_handlers(upstream: Upstream):
+    """The six calls of KServe's service, as a generic handler (any other call: UNIMPLEMENTED, from grpcio)."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-    class Service(pb_grpc.GRPCInferenceServiceServicer):
+    class Service:
         def _call(self, context, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                   ok: tuple[int, ...] = (200,)) -> tuple[int, dict, bytes]:
             meta = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
@@ -245,17 +245,37 @@ def build_servicer(upstream: Upstream):
             length = int(headers.get("inference-header-content-length", len(data)))
             return infer_response(pb, json.loads(data[:length]), data[length:], request.model_name)
 
-    return Service(), pb_grpc
+    service = Service()
+
+    def handler(method: str, request_class):
+        # Messages are parsed here rather than by grpcio, which answers bytes that are no message INTERNAL:
+        # that is the client's error, INVALID_ARGUMENT.
+        def call(data: bytes, context):
+            try:
+                request = request_class.FromString(data)
+            except Exception as exc:  # protobuf's DecodeError, and whatever else unparseable bytes raise
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"The {method} message could not be read ({type(exc).__name__}): send a "
+                              f"{request_class.DESCRIPTOR.full_name}.")
+            return getattr(service, method)(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=None,
+                                                   response_serializer=lambda m: m.SerializeToString())
+
+    calls = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+             "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+             "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": pb.ModelInferRequest}
+    return grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {name: handler(name, cls) for name, cls in calls.items()})
 
 
 def main(args: argparse.Namespace) -> int:
     import grpc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s grpc_service %(levelname)s %(message)s")
-    servicer, pb_grpc = build_servicer(Upstream(args.upstream, args.timeout))
     server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[
         ("grpc.max_receive_message_length", args.max_message), ("grpc.max_send_message_length", args.max_message)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((build_handlers(Upstream(args.upstream, args.timeout)),))
     args.socket.unlink(missing_ok=True)
     server.add_insecure_port(f"unix:{args.socket}")
     server.start()

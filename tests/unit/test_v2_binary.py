@@ -188,3 +188,9 @@ def _encoded(columns: dict) -> tuple[bytes, bool, int]:
                                       "parameters": {"binary_data_size": len(r)}}
                                      for (n, (dt, values)), r in zip(columns.items(), raw)]}).encode()
     return header + b"".join(raw), False, len(header)
+
+
+def test_an_image_sent_without_its_length_prefix_is_named_as_such(tiny_handler):
+    handler, ctx = tiny_handler
+    statuses, bodies = run_batch(handler, ctx, [binary_body(image_input(len(PNG)), PNG)])
+    assert statuses == [400] and "starts like an image file, not with its length" in bodies[0]["error"]
