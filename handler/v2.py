@@ -105,7 +105,13 @@ def _payload(item: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[dict,
     declared = headers.get(BINARY_HEADER)
     if declared is None:
         if isinstance(payload, (bytes, bytearray, str)):
-            return _json_doc(payload, "request body"), None
+            try:
+                return _json_doc(payload, "request body"), None
+            except InvalidV2Request as exc:
+                if "binary_data_size" in (payload if isinstance(payload, str) else payload.decode("utf-8", "replace")):
+                    exc.message += (" It has binary data (binary_data_size) but no Inference-Header-Content-Length "
+                                    "header: send the header with the JSON header's length.")
+                raise
         if not isinstance(payload, dict):
             raise InvalidV2Request(f"The v2 request body must be a JSON object; got {type(payload).__name__}. {_HINT}")
         return payload, None
