@@ -197,7 +197,8 @@ class Stack:
         log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
         self.start_status_server()
         self._apis = {addr.rsplit(":", 1)[1]: api for api, addr in (
-            ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics))}
+            ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics),
+            ("grpc", opts.public_grpc or ":")) if addr != ":"}
         for r in self.replicas:
             hop = self.hops[r.index] = Hop(self.hop_settings(r, ready={h.index for h in self.replicas}))
             hop.write()

@@ -240,3 +240,26 @@ def test_sixteen_concurrent_binary_requests_some_invalid_are_answered_one_by_one
     # every one went through the gateway's REST v2 route (the gRPC ones turned into REST by the gRPC service)
     entries = [e for e in stack.access_log() if e["uri"] == f"/v2/models/{MODEL}/infer"]
     assert len(entries) >= 32
+
+
+def test_a_killed_grpc_service_is_restarted_and_serves_again(stack):
+    """kill -9 of the gRPC service (runs last in this module: the session's stack is shared): the supervisor
+    restarts it within seconds, counts it, and gRPC calls are answered again; REST never noticed."""
+    import os
+    import signal
+    import time
+
+    before = stack.state()["grpc_pid"]
+    os.kill(before, signal.SIGKILL)
+    client = grpcclient.InferenceServerClient(stack.grpc)
+    deadline, ready = time.monotonic() + 30, False
+    while time.monotonic() < deadline and not ready:
+        try:
+            ready = client.is_server_ready()
+        except InferenceServerException:
+            time.sleep(0.5)
+    assert ready, "the gRPC service did not come back within 30 s"
+    assert stack.state()["grpc_pid"] not in (None, before)
+    metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
+    assert "gateway_grpc_restarts_total 1" in metrics
+    assert requests.get(f"{stack.inference}/v2/health/ready", timeout=30).json() == {"ready": True}
