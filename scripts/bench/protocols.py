@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from scripts.bench.gateway import GatewayTarget
 from scripts.bench.run import ensure_hey, machine, parse_hey
@@ -115,6 +116,8 @@ def grpc_load(target: GatewayTarget, message: Path, concurrency: int, seconds: f
         raise RuntimeError(f"refusing to load anything but loopback: {target.opts.public_grpc}")
     access_log = target.opts.log_dir / "gateway_access.log"
     before = access_log.stat().st_size
+    service = psutil.Process(target.stack.grpc.pid())
+    cpu_before = sum(service.cpu_times()[:2])
     cmd = ["h2load", "-D", f"{seconds:g}", "-c", str(concurrency), "-m", "1", "-t", "1", "-d", str(message),
            "-H", "content-type: application/grpc", "-H", "te: trailers",
            "-H", f"authorization: Bearer {target.client.key('inference')}",
@@ -122,6 +125,7 @@ def grpc_load(target: GatewayTarget, message: Path, concurrency: int, seconds: f
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise RuntimeError(f"h2load failed ({out.returncode}): {out.stderr[-2000:]}{out.stdout[-2000:]}")
+    service_cpu = sum(service.cpu_times()[:2]) - cpu_before
     text = out.stdout
     finished = re.search(r"finished in ([0-9.]+)s, ([0-9.]+) req/s", text)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
@@ -134,6 +138,7 @@ def grpc_load(target: GatewayTarget, message: Path, concurrency: int, seconds: f
     total_s = float(finished.group(1))
     return {"total_s": total_s, "requests_per_s": float(finished.group(2)), "responses": int(done.group(1)),
             "mean_ms": round(float(mean.group(1)) * scale[mean.group(2)], 1) if mean else None,
+            "grpc_service_cpu_ms_per_call": round(service_cpu * 1000 / max(1, int(done.group(1))), 2),
             "rest_answers": len(rest), "error_count": sum(e["status"] != 200 for e in rest) + int(done.group(3))
             + int(done.group(4)) + max(0, int(done.group(1)) - len(rest))}
 
@@ -246,6 +251,14 @@ def markdown(report: dict) -> str:
         verdicts.append(f"- {name.split(' (')[0]}: {ratio:.2f}x /predictions' requests/s, the median of the rounds "
                         f"({'meets' if ratio >= TARGET else 'misses'} the {TARGET}x target; over the whole run "
                         f"{row['requests_per_s'] / base:.2f}x).")
+    grpc_rounds = [r for name, res in report["raw"].items() if name.startswith("gRPC") for r in res]
+    cpu = [r["grpc_service_cpu_ms_per_call"] for r in grpc_rounds if r.get("grpc_service_cpu_ms_per_call")]
+    if cpu:
+        verdicts.append(f"- What gRPC costs: the gRPC service (scripts/deploy/grpc_service.py: grpcio's Python server, "
+                        f"then the REST request through the gateway) used {min(cpu):.2f}-{max(cpu):.2f} ms of CPU per call "
+                        "in these rounds (its process's CPU time over the calls answered), on top of everything a REST v2 "
+                        "request costs, on cores the model's workers need. Closing the gap needs a compiled translator "
+                        "in its place (see deploy.md#grpc).")
     return "\n".join([*lines, "", *verdicts, END])
 
 
