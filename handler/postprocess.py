@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 
@@ -71,6 +72,13 @@ def describe(spec: ModelSpec, version: str | None) -> dict:
         "limits": {"max_pixels": spec.limits.max_pixels, "max_frames": spec.limits.max_frames,
                    "max_instances": spec.limits.max_instances},
     }
+
+
+def encode(body) -> tuple[str | bytes, str, dict[str, str]]:
+    """(payload, Content-Type, extra response headers) of a body ``render`` gave."""
+    if isinstance(body, v2.Binary):  # the binary tensor data extension: a JSON header, then the outputs' bytes
+        return body.body, "application/octet-stream", {"Inference-Header-Content-Length": str(body.header_length)}
+    return json.dumps(body), "application/json", {}
 
 
 def render(slot, result, spec: ModelSpec, view_names: tuple[str, ...], version: str | None,

@@ -200,7 +200,7 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
     try:
         if is_v2:
             parsed, meta = v2.parse(item, header_options(headers, spec.class_names), spec.class_names,
-                                    spec.limits.max_instances)
+                                    spec.limits.max_instances, headers)
         else:
             parsed = parse_request(item, headers, spec.class_names, spec.limits.max_instances)
         tensors, signals = [], []

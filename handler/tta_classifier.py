@@ -12,7 +12,6 @@ never an exception that fails the batch) and so that ``describe`` / ``explain``
 headers act on their own request rather than on the whole batch.
 """
 
-import json
 import logging
 import time
 
@@ -24,7 +23,7 @@ from handler.explain import Explainer, attach
 from handler.inference import Policy, infer
 from handler.loader import load
 from handler.metrics import QualityMetrics
-from handler.postprocess import render
+from handler.postprocess import encode, render
 from handler.preprocess import prepare
 from handler.request import normalise_headers
 
@@ -87,10 +86,13 @@ class TTAClassifierHandler(BaseHandler):
         for idx, (slot, result) in enumerate(data):
             status, phrase, body, answers = render(slot, result, self.spec, self.policy.names, self.version,
                                                    self.model_name)
+            payload, content_type, headers = encode(body)
             self.context.set_response_status(status, phrase, idx)
-            self.context.set_response_content_type(idx, "application/json")
+            self.context.set_response_content_type(idx, content_type)
             self.context.set_response_header(idx, "X-Model-Version", self.version)
-            output.append(json.dumps(body))
+            for name, value in headers.items():
+                self.context.set_response_header(idx, name, value)
+            output.append(payload)
             if status != 200:
                 rejected.append(slot.reason)
             if getattr(slot, "probe", False):  # readiness probes would skew the label and confidence distributions

@@ -54,4 +54,15 @@ print("\n".join(project["dependencies"] + extras["dev"] + extras["demo"]))
 PY
 echo "installing the pinned stack into $VENV (torch, torchvision, torchserve, ...)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r build/requirements.txt
+# kserve's client in a venv of its own: its pins (psutil<6, pandas<3) would move .venv's (pyproject.toml says why).
+"$VENV/bin/python" - > build/requirements-kserve.txt <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["optional-dependencies"]["kserve-client"]))
+PY
+if [ ! -x "$VENV/kserve-client/bin/python" ]; then
+    echo "creating $VENV/kserve-client (kserve's client, for the integration tests)"
+    "$PYTHON" -m venv "$VENV/kserve-client"
+fi
+"$VENV/kserve-client/bin/python" -m pip install --quiet --disable-pip-version-check -r build/requirements-kserve.txt
 touch "$VENV/.installed"

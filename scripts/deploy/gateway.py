@@ -60,6 +60,26 @@ ERRORS = {
     503: ("busy", "ServiceUnavailable", "Too many large uploads in flight at once; retry after the Retry-After delay."),
 }
 RETRY_AFTER = {429: 60, 503: 1}
+# The same errors on the Open Inference Protocol routes (/v2...), in its shape {"error": "..."}, which v2 clients
+# (tritonclient, kserve) read; nginx's own 502/504 there too (TorchServe's answers pass through).
+V2_MESSAGES = {
+    404: "Unknown v2 route. Served: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/<model>[/versions/<v>] "
+         "and its /ready; POST /v2/models/<model>[/versions/<v>]/infer.",
+    405: "Use GET for /v2, metadata and readiness, and POST for /v2/models/<model>[/versions/<v>]/infer.",
+    502: "No replica answered this request (every try failed); retry in a few seconds.",
+    504: "The model did not answer in time; retry in a few seconds.",
+}
+# nginx's own errors on the public gRPC port, as gRPC statuses (a client error is never INTERNAL or UNAVAILABLE).
+GRPC_STATUS = {400: 3, 401: 16, 403: 7, 404: 12, 405: 12, 408: 4, 413: 8, 429: 8, 502: 14, 503: 14, 504: 4}
+GRPC_MESSAGES = {
+    404: "Not served here: the public gRPC port serves inference.GRPCInferenceService (KServe's Open Inference "
+         "Protocol: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer).",
+    405: "Not a gRPC call.",
+    502: "The gRPC service is restarting; retry in a few seconds.",
+    503: "The gRPC service is restarting; retry in a few seconds.",
+    504: "The model did not answer in time; retry in a few seconds.",
+}
+GRPC_SOCKET = "grpc.sock"  # run/grpc.sock: scripts/deploy/grpc_service.py, reached only through the gateway
 MANAGEMENT_TIMEOUT_S = 300  # `ctl scale` waits synchronously for workers (180 s by default)
 
 
@@ -104,6 +124,7 @@ class GatewaySettings:
     auth_failure_burst: int = 20
     access_log: str = "file"  # "file": <log_dir>/gateway_access.log (rotated by the supervisor); "stdout": a container's log
     replicas: list[int] = field(default_factory=list)  # replica indices; each is reached through its hop's sockets
+    public_grpc: str | None = None  # host:port of KServe's gRPC service (config.properties' grpc_inference_*); None: not served
 
 
 # --- service credentials ----------------------------------------------------------------------------
@@ -169,6 +190,82 @@ def _error_locations(settings: GatewaySettings) -> str:
     return "\n".join(blocks)
 
 
+def _v2_answer(code: int, message: str) -> str:
+    """nginx's `return CODE '{"error": ...}';`: an error in the Open Inference Protocol's shape."""
+    return "return " + str(code) + " '" + json.dumps({"error": message}).replace("'", "\\'") + "';"
+
+
+def _v2_codes(settings: GatewaySettings) -> dict[int, str]:
+    codes = {code: (V2_MESSAGES.get(code) or message).replace("@{max_body}", str(settings.max_body))
+             for code, (_, _, message) in ERRORS.items()}
+    return {**codes, **{code: message for code, message in V2_MESSAGES.items() if code not in codes}}
+
+
+def _v2_error_locations(settings: GatewaySettings) -> str:
+    blocks = []
+    for code, message in sorted(_v2_codes(settings).items()):
+        extra = f"add_header Retry-After {RETRY_AFTER[code]} always; " if code in RETRY_AFTER else ""
+        if code == 401:
+            extra += 'add_header WWW-Authenticate "Bearer" always; '
+        blocks.append(f"        location @v2_{code} {{ default_type application/json; add_header X-Request-ID $req_id always; "
+                      f"{extra}{_v2_answer(code, message)} }}")
+    return "\n".join(blocks)
+
+
+def _v2_error_pages(settings: GatewaySettings) -> str:
+    return "\n".join(f"            error_page {code} = @v2_{code};" for code in sorted(_v2_codes(settings)))
+
+
+def _grpc_server(settings: GatewaySettings) -> str:
+    """The public gRPC port: KServe's inference.GRPCInferenceService, proxied to run/grpc.sock over HTTP/2."""
+    if not settings.public_grpc:
+        return "    # --- gRPC: not served (no public gRPC address) ---"
+    run = settings.run_dir
+    errors = []
+    for code, status in GRPC_STATUS.items():
+        message = GRPC_MESSAGES.get(code) or ERRORS[code][2].replace("@{max_body}", str(settings.max_body))
+        message = message.replace("Authorization: Bearer <key>", "the metadata authorization: Bearer <key>")
+        extra = f"add_header Retry-After {RETRY_AFTER[code]} always; " if code in RETRY_AFTER else ""
+        # A gRPC error nginx answers itself: HTTP 200 with grpc-status and grpc-message and no message.
+        errors.append(f"        location @grpc_{code} {{ default_type application/grpc; add_header grpc-status {status} always; "
+                      f"add_header grpc-message \"{message}\" always; add_header X-Request-ID $req_id always; {extra}"
+                      f"return 204; }}")
+    pages = "\n".join(f"        error_page {code} = @grpc_{code};" for code in GRPC_STATUS)
+    return rf"""    # --- public gRPC: KServe's inference.GRPCInferenceService ----------------------------------------
+    # Each call goes to run/{GRPC_SOCKET} (scripts/deploy/grpc_service.py), which sends it to the REST v2 routes
+    # of the inference port above with the caller's credential: answers, limits and errors are those of REST.
+    # Health calls need no credential (as /v2/health/* and /v2/models/<m>/ready); the others are checked here,
+    # before their message is read, with the same failure limit as REST.
+    server {{
+        listen {settings.public_grpc} http2 reuseport;
+{pages}
+        grpc_set_header X-Request-ID $req_id;
+        grpc_connect_timeout 5s;
+        grpc_read_timeout {2 * settings.read_timeout_s}s;  # the REST request it turns into may be retried
+        grpc_send_timeout 60s;
+
+        location ~ ^/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)$ {{
+            grpc_pass unix:{run / GRPC_SOCKET};
+        }}
+        location ~ ^/inference\.GRPCInferenceService/(ServerMetadata|ModelMetadata|ModelInfer)$ {{
+            limit_req zone=inference_auth_failures burst={settings.auth_failure_burst} nodelay;
+            auth_request /_auth/inference;
+            grpc_pass unix:{run / GRPC_SOCKET};
+        }}
+        location = /_auth/inference {{
+            internal;
+            # With a body, the 401 is this subrequest's own answer; without, this server's error_page 401 (a gRPC
+            # status, sent as HTTP 204) would answer the subrequest and auth_request would let the call through.
+            if ($inference_ok = 0) {{ return 401 "unauthorized"; }}
+            return 204;
+        }}
+        location / {{
+            return 404;
+        }}
+{chr(10).join(errors)}
+    }}"""
+
+
 def hop_socket(run_dir: Path, index: int, api: str = "inference") -> Path:
     """Replica ``index``'s hop socket for ``api`` (inference, management, metrics): the gateway's only way to it."""
     return run_dir / (f"replica-{index}.sock" if api == "inference" else f"replica-{index}.{api}.sock")
@@ -223,19 +320,32 @@ def render_hop(hop: HopSettings) -> str:
         upstreams = (f"    upstream torchserve {{\n        server {_hostport(r.inference)};\n        keepalive 32;\n    }}")
         management = f"        location / {{ proxy_pass http://{_hostport(r.management)}; {auth(r.management_key)} }}"
         metrics = f"        location = /metrics {{ proxy_pass http://{_hostport(r.metrics)}/metrics; }}"
+    # Answers of the hop's own, in the v2 shape for Open Inference Protocol requests (the gateway marks them).
+    def both(code: int, kind: str, message: str, v2_message: str | None = None) -> str:
+        return (f"if ($http_x_inference_protocol = v2) {{ {_v2_answer(code, v2_message or message)} }} "
+                f"{_answer(code, kind, message)}")
+
     if r is not None and hop.serving:
+        # TorchServe answers an unknown model or version 404 (the handler never does).
+        not_found = ("Nothing is served at $uri: no such model, or no such version of it. The models and versions "
+                     "served: GET /models on the management port (management key), GET /v2/models/<model> (v2).")
         inference = f"""        location / {{
             proxy_pass http://torchserve;
             {auth(r.inference_key)}
             proxy_intercept_errors on;
             error_page 507 = @worker_died;
+            error_page 404 = @not_found;
         }}
         location @worker_died {{
-            {_answer(502, "WorkerDied", "The worker died with this request in its batch; the gateway retries it.")}
+            {both(502, "WorkerDied", "The worker died with this request in its batch; the gateway retries it.")}
+        }}
+        location @not_found {{
+            {both(404, "ModelNotFound", not_found, "No such model, or no such version of it, is served here "
+                  "(asked for $uri). GET /v2/models/<model> (or gRPC ModelMetadata) lists a model's versions.")}
         }}"""
     else:
         why = hop.why or ("restarting" if r is None else "out of rotation")
-        inference = "        location / { " + _answer(
+        inference = "        location / { " + both(
             503, "ReplicaNotReady", f"Replica {i} is {why}; the gateway sends predictions to the other replicas.") + " }"
     return _fill(HOP_TEMPLATE, {
         "user_line": _user_line(),
@@ -295,6 +405,10 @@ def render(settings: GatewaySettings, keys: dict) -> str:
         "management_routes": mgmt,
         "metrics_routes": metrics,
         "error_locations": _error_locations(settings),
+        "v2_error_locations": _v2_error_locations(settings),
+        "v2_error_pages": _v2_error_pages(settings),
+        "grpc_server": _grpc_server(settings),
+        "public_grpc_note": settings.public_grpc or "(not served)",
     })
 
 

@@ -7,7 +7,8 @@
 
 Used by ``make serve [REPLICAS=N]``, ``make status`` and ``make stop``. The public
 addresses are config.properties' (127.0.0.1:8080 inference, :8081 management, :8082
-metrics); the replicas run on free loopback ports behind the gateway. Environment:
+metrics, and 127.0.0.1:7070 for KServe's gRPC service, grpc_inference_address/port); the
+replicas run on free loopback ports behind the gateway. Environment:
 REPLICAS, GATEWAY_HOST (the host the public ports bind; 0.0.0.0 in the container),
 SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE, GATEWAY_LARGE_BODIES, GATEWAY_ACCESS_LOG. Starting twice is safe: when the service already
 answers, ``start`` only prints how to call it.
@@ -45,7 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("GATEWAY_HOST"),
                    help="bind the public ports on this host instead of the config's (env GATEWAY_HOST)")
     p.add_argument("--ports", default=env("GATEWAY_PORTS"),
-                   help="inference,management,metrics ports instead of the config's (env GATEWAY_PORTS)")
+                   help="inference,management,metrics[,grpc] ports instead of the config's (env GATEWAY_PORTS); "
+                        "without a fourth, gRPC keeps the config's port")
     p.add_argument("--run-dir", type=Path, default=Path(env("SERVE_RUN_DIR", REPO / "run")))
     p.add_argument("--log-dir", type=Path, default=Path(env("SERVE_LOG_DIR", REPO / "logs")))
     p.add_argument("--key-file", type=Path, default=Path(env("KEY_FILE", REPO / "key_file.json")),
@@ -61,22 +63,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # --- addresses ---------------------------------------------------------------------------------------
 def public_addresses(args) -> dict[str, str]:
-    """host:port for inference / management / metrics: config.properties', or --host / --ports."""
+    """host:port for inference / management / metrics / grpc: config.properties', or --host / --ports."""
     props = read_properties(args.config)
-    ports = args.ports.split(",") if args.ports else None
+    ports = args.ports.split(",") if args.ports else []
     out = {}
     for i, (name, default) in enumerate((("inference", "8080"), ("management", "8081"), ("metrics", "8082"))):
         url = props.get(f"{name}_address", f"http://127.0.0.1:{default}")
         host, port = url.split("://", 1)[-1].rsplit(":", 1)
-        out[name] = f"{args.host or host}:{ports[i] if ports else port}"
+        out[name] = f"{args.host or host}:{ports[i] if len(ports) > i else port}"
+    # KServe's gRPC service: where config.properties puts TorchServe's gRPC inference API (the replicas' own
+    # gRPC ports are free loopback ones, like their REST ports).
+    grpc_host = props.get("grpc_inference_address", "127.0.0.1")
+    out["grpc"] = f"{args.host or grpc_host}:{ports[3] if len(ports) > 3 else props.get('grpc_inference_port', '7070')}"
     return out
 
 
-def public_client(args, timeout: float = 60.0) -> TorchServeClient:
-    def url(addr: str) -> str:
-        host, port = addr.rsplit(":", 1)
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+def url(addr: str) -> str:
+    host, port = addr.rsplit(":", 1)
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
+
+def public_client(args, timeout: float = 60.0) -> TorchServeClient:
     addr = public_addresses(args)
     return TorchServeClient(Endpoints(url(addr["inference"]), url(addr["management"]), url(addr["metrics"])),
                             args.key_file, timeout=timeout)
@@ -102,7 +109,7 @@ def stack_options(args) -> StackOptions:
     return StackOptions(run_dir=args.run_dir.resolve(), log_dir=args.log_dir.resolve(), key_file=args.key_file.resolve(),
                         model_store=(store if store.is_absolute() else args.config.parent / store).resolve(),
                         model=args.model, replicas=args.replicas, public_inference=addr["inference"],
-                        public_management=addr["management"], public_metrics=addr["metrics"],
+                        public_management=addr["management"], public_metrics=addr["metrics"], public_grpc=addr["grpc"],
                         max_body=int(props.get("max_request_size", 10 * 2**20)), large_bodies=args.large_bodies,
                         access_log=args.access_log, ready_timeout_s=args.timeout)
 
@@ -146,6 +153,7 @@ Serving '{args.model}' through the gateway with {args.replicas} TorchServe repli
   inference   {ep.inference}/predictions/{args.model}      readiness: {ep.inference}/ping
   management  {ep.management}/models/{args.model}          (management key; /replicas lists the replicas)
   metrics     {ep.metrics}/metrics                      (for the scraper; every replica, labelled)
+  v2 / gRPC   {ep.inference}/v2/models/{args.model}/infer   grpc {url(public_addresses(args)['grpc'])[7:]} (KServe's Open Inference Protocol)
   keys        {shown}  (service credentials; they do not expire)
 
 Call it:
@@ -286,6 +294,12 @@ def leftover(args) -> None:
                 os.kill(pid, signal.SIGQUIT)
         except psutil.Error:
             pass
+    try:  # the gRPC service, if it is still ours
+        pid = st.get("grpc_pid")
+        if pid and "scripts.deploy.grpc_service" in " ".join(psutil.Process(pid).cmdline()):
+            os.kill(pid, signal.SIGTERM)
+    except psutil.Error:
+        pass
 
 
 def status(args) -> int:

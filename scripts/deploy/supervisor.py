@@ -17,28 +17,36 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
   clients' keep-alive connections survive every replica event;
 - serves, on a Unix socket only nginx reaches, ``/ready`` and ``/metrics``: every replica's
   TorchServe metrics with a ``replica`` label, plus its own (restarts, readiness, the worker
-  cap, and ``gateway_http_responses_total`` by API and status, counted from the access log).
+  cap, and ``gateway_http_responses_total`` by API and status, counted from the access log);
+  and the Open Inference Protocol's server metadata (``/v2``) and model readiness
+  (``/v2/models/<m>[/versions/<v>]/ready``: 200, 503, or 404 for what no replica serves);
+- runs KServe's gRPC service (scripts/deploy/grpc_service.py) behind the gateway's public gRPC
+  port, and restarts it when it dies.
 """
 
 from __future__ import annotations
 
 import http.server
+import importlib.metadata
 import json
 import logging
 import logging.handlers
 import os
 import re
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from handler.request import PROBE_HEADER
 from scripts.deploy import capacity as capacity_mod
 from scripts.deploy.gateway import (
+    GRPC_SOCKET,
     Gateway,
     GatewaySettings,
     Hop,
@@ -48,7 +56,7 @@ from scripts.deploy.gateway import (
     service_keys,
     write_private,
 )
-from scripts.deploy.harness import EXAMPLE
+from scripts.deploy.harness import EXAMPLE, REPO
 from scripts.deploy.replicas import Replica
 from scripts.ops.tsclient import TorchServeClient, read_properties
 
@@ -60,6 +68,9 @@ ACCESS_LOG_MAX_BYTES = 50 * 2**20  # ~330 B a request: ~160,000 requests a file
 ACCESS_LOG_KEEP = 3  # rotated files kept: the access log takes at most (1 + 3) x 50 MiB
 
 log = logging.getLogger("supervisor")
+# GET /v2: what the Open Inference Protocol calls server metadata; the extensions are those handler/v2.py serves.
+V2_EXTENSIONS = ["binary_tensor_data", "parameters"]
+V2_MODEL_READY = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/ready$")
 
 
 @dataclass
@@ -73,6 +84,7 @@ class StackOptions:
     public_inference: str = "127.0.0.1:8080"
     public_management: str = "127.0.0.1:8081"
     public_metrics: str = "127.0.0.1:8082"
+    public_grpc: str | None = None  # KServe's gRPC service on this host:port; None: not served
     max_body: int = 10 * 2**20
     large_bodies: int = 4
     access_log: str = "file"  # or "stdout"
@@ -97,12 +109,55 @@ class Health:
         return self.ready and not self.restarting and now - self.checked_at < STALE_AFTER_S
 
 
+class GrpcService:
+    """scripts/deploy/grpc_service.py, a child of the supervisor on run/grpc.sock (the gateway's gRPC port proxies to it)."""
+
+    name = "the gRPC service"
+
+    def __init__(self, run_dir: Path, log_dir: Path, upstream: str, max_message: int):
+        self.socket = run_dir / GRPC_SOCKET
+        self.log = log_dir / "grpc_service.log"
+        self.command = [sys.executable, "-m", "scripts.deploy.grpc_service", "--socket", str(self.socket),
+                        "--upstream", upstream, "--max-message", str(max_message + 2**16)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> int:
+        self.socket.unlink(missing_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+            if self.socket.exists():
+                return self.proc.pid
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen on {self.socket} within {timeout:.0f} s; see {self.log}")
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.pid() is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 class Stack:
     def __init__(self, opts: StackOptions):
         self.opts = opts
         self.replicas = [Replica(i, opts.run_dir, opts.model_store, opts.replica_overrides) for i in range(opts.replicas)]
         self.health = {r.index: Health() for r in self.replicas}
         self.gateway: Gateway | None = None
+        self.grpc: GrpcService | None = None
+        self.grpc_restarts = 0
+        self.models: dict[int, dict[str, dict[str, bool]]] = {}  # replica -> model -> version -> a worker is READY
         self.hops: dict[int, Hop] = {}
         self.capacity: capacity_mod.Capacity | None = None
         self.keys: dict = {}
@@ -136,16 +191,23 @@ class Stack:
             raise RuntimeError("stopped while starting")
         for r in self.replicas:
             self.health[r.index] = Health(ready=True, checked_at=time.monotonic(), detail="answered at start")
+            self.refresh_models(r)
         vmargs = read_properties(self.replicas[0].server.config).get("vmargs", "")
         self.capacity = capacity_mod.measure([r.pid() for r in self.replicas], vmargs)
         log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
         self.start_status_server()
         self._apis = {addr.rsplit(":", 1)[1]: api for api, addr in (
-            ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics))}
+            ("inference", opts.public_inference), ("management", opts.public_management), ("metrics", opts.public_metrics),
+            ("grpc", opts.public_grpc or ":")) if addr != ":"}
         for r in self.replicas:
             hop = self.hops[r.index] = Hop(self.hop_settings(r, ready={h.index for h in self.replicas}))
             hop.write()
             hop.start()
+        if opts.public_grpc:  # listening before the gateway sends it anything
+            host, port = opts.public_inference.rsplit(":", 1)
+            upstream = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+            self.grpc = GrpcService(opts.run_dir, opts.log_dir, upstream, opts.max_body)
+            self.grpc.start()
         self.gateway = Gateway(self.settings(), self.keys)
         self.gateway.write()
         self.publish()  # GET /replicas must answer from the first request on
@@ -162,6 +224,8 @@ class Stack:
         self.stopping.set()
         if self.gateway is not None:
             self.gateway.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
         for hop in self.hops.values():
             hop.stop()
 
@@ -184,7 +248,7 @@ class Stack:
         return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
                                public_management=o.public_management, public_metrics=o.public_metrics,
                                max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, access_log=o.access_log,
-                               replicas=[r.index for r in self.replicas])
+                               replicas=[r.index for r in self.replicas], public_grpc=o.public_grpc)
 
     def hop_settings(self, replica: Replica, ready: set[int]) -> HopSettings:
         """Its current route (or the last known one, mid-restart) and whether it is in rotation."""
@@ -233,6 +297,7 @@ class Stack:
         path = self.opts.run_dir / "state.json"
         write_private(path.with_name("state.json.new"),
                       json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
+                                  "grpc_pid": self.grpc.pid() if self.grpc else None,
                                   "hop_pids": [hop.pid() for hop in self.hops.values()]}, indent=2))
         os.replace(path.with_name("state.json.new"), path)
 
@@ -248,6 +313,8 @@ class Stack:
             for nginx in [*self.hops.values(), *([self.gateway] if self.gateway else [])]:
                 if nginx.pid() is None and not self.stopping.is_set():
                     self.restart_nginx(nginx)
+            if self.grpc is not None and self.grpc.pid() is None and not self.stopping.is_set():
+                self.restart_grpc()
             if time.monotonic() >= next_probe:
                 self.probe_all()
                 self.count_responses()
@@ -264,6 +331,15 @@ class Stack:
             self.publish()
         except Exception:
             log.exception("%s did not restart; trying again", nginx.name)
+
+    def restart_grpc(self) -> None:
+        self.grpc_restarts += 1
+        log.error("%s is gone: restarting it (restart %d)", self.grpc.name, self.grpc_restarts)
+        try:
+            self.grpc.start()
+            self.publish()
+        except Exception:
+            log.exception("%s did not restart; trying again", self.grpc.name)
 
     def count_responses(self) -> None:
         """Add the access log's new lines to ``gateway_http_responses_total`` (what clients were answered)."""
@@ -362,12 +438,42 @@ class Stack:
         h.checked_at, h.detail = time.monotonic(), detail
         if ok:
             h.ready, h.failures = True, 0
+            self.refresh_models(replica)
         else:
             h.failures += 1
             if h.failures >= FAILURES_BEFORE_UNREADY:
                 h.ready = False
 
+    def refresh_models(self, replica: Replica) -> None:
+        """The models and versions the replica serves, and whether each has a READY worker (v2 model readiness)."""
+        try:
+            client = self.probe_client(replica)
+            models = {}
+            for entry in client.models():
+                name = entry["modelName"]
+                models[name] = {d["modelVersion"]: any(w.get("status") == "READY" for w in d.get("workers", []))
+                                for d in client.describe(name)}
+            self.models[replica.index] = models
+        except Exception as exc:  # the probe's own result decides readiness; this only refines it per model
+            log.warning("replica %d: models not listed: %s", replica.index, str(exc)[:160])
+
     # --- /ready and /metrics --------------------------------------------------------------------
+    def model_readiness(self, model: str, version: str | None) -> tuple[int, dict]:
+        """GET /v2/models/<m>[/versions/<v>]/ready: 200 when a ready replica has a READY worker for it, 503 when
+        none has now, 404 (v2 error) when no replica serves that model or version."""
+        now = time.monotonic()
+        ready = {i for i, h in self.health.items() if h.is_ready(now)}
+        known = {v for models in self.models.values() for v in models.get(model, {})}
+        if not known or (version is not None and version not in known):
+            what = f"model {model!r}" + (f" version {version!r}" if version is not None else "")
+            return 404, {"error": f"No {what} is served here; GET /v2/models/<model> lists a model's versions."}
+        if version is None:  # the default version: what the readiness probe predicts with, for the probed model
+            ok = bool(ready) if model == self.opts.model else any(
+                any(self.models.get(i, {}).get(model, {}).values()) for i in ready)
+        else:
+            ok = any(self.models.get(i, {}).get(model, {}).get(version) for i in ready)
+        return (200 if ok else 503), ({"name": model, "ready": ok} | ({"version": version} if version else {}))
+
     def readiness(self) -> tuple[int, dict]:
         now = time.monotonic()
         replicas = [{"index": i, **h.to_json(now)} for i, h in self.health.items()]
@@ -393,6 +499,9 @@ class Stack:
         own += [f'gateway_replica_ready{{replica="{i}"}} {int(h.is_ready(now))}' for i, h in self.health.items()]
         own += ["# HELP gateway_restarts_total nginx restarts by the supervisor (the gateway and the replicas' hops).", "# TYPE gateway_restarts_total counter",
                 f"gateway_restarts_total {self.gateway_restarts}"]
+        if self.grpc is not None:
+            own += ["# HELP gateway_grpc_restarts_total Restarts of the gRPC service (scripts/deploy/grpc_service.py).",
+                    "# TYPE gateway_grpc_restarts_total counter", f"gateway_grpc_restarts_total {self.grpc_restarts}"]
         own += ["# HELP gateway_http_responses_total Answers the gateway gave clients (after its retries), "
                 "from its access log.", "# TYPE gateway_http_responses_total counter"]
         own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
@@ -416,6 +525,14 @@ class Stack:
                 elif path == "/v2/ready":  # the Open Inference Protocol's shape of the same answer
                     code, _ = stack.readiness()
                     payload, ctype = json.dumps({"ready": code == 200}).encode(), "application/json"
+                elif path == "/v2":  # server metadata
+                    code, ctype = 200, "application/json"
+                    payload = json.dumps({"name": "torchserve", "version": importlib.metadata.version("torchserve"),
+                                          "extensions": V2_EXTENSIONS}).encode()
+                elif V2_MODEL_READY.match(path):
+                    model, version = (unquote(g) if g else None for g in V2_MODEL_READY.match(path).groups())
+                    code, body = stack.model_readiness(model, version)
+                    payload, ctype = json.dumps(body).encode(), "application/json"
                 elif path == "/metrics":
                     code, payload, ctype = 200, stack.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
                 else:

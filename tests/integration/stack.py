@@ -41,6 +41,7 @@ class Stack:
     inference = property(lambda self: f"http://127.0.0.1:{self.ports[0]}")
     management = property(lambda self: f"http://127.0.0.1:{self.ports[1]}")
     metrics = property(lambda self: f"http://127.0.0.1:{self.ports[2]}")
+    grpc = property(lambda self: f"127.0.0.1:{self.ports[3]}")  # KServe's gRPC service (host:port, as gRPC clients take it)
 
     def serve(self, action: str, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "scripts.deploy.serve", action, *self.args, *extra],
@@ -68,7 +69,7 @@ class Stack:
 
 @contextmanager
 def running_stack(root: Path, replicas: int = 1):
-    stack = Stack(root, free_ports(3), replicas)
+    stack = Stack(root, free_ports(4), replicas)
     started = stack.serve("start", "--replicas", str(replicas))
     try:
         assert started.returncode == 0, started.stdout + started.stderr

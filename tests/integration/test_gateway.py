@@ -284,6 +284,13 @@ def test_zero_workers_is_an_outage_readiness_and_status_say_so(stack):
         assert own.json()["status"] == "Healthy"  # the lie this guards against
         wait_for(lambda: stack.ping().status_code == 503, 30, "readiness to turn 503 with 0 workers")
         assert stack.ping().json()["status"] == "Unhealthy"
+        # the Open Inference Protocol's readiness says the same, over REST and gRPC (v2 clients count only 200 as ready)
+        for path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready", f"/v2/models/{MODEL}/versions/1.0/ready"):
+            assert requests.get(f"{stack.inference}{path}", timeout=10).status_code == 503, path
+        import tritonclient.grpc as grpcclient
+
+        grpc = grpcclient.InferenceServerClient(stack.grpc)
+        assert not grpc.is_server_ready() and not grpc.is_model_ready(MODEL)
         status = stack.serve("status", timeout=60)
         assert status.returncode == 1 and "NOT READY" in status.stdout, status.stdout
     finally:
@@ -292,6 +299,8 @@ def test_zero_workers_is_an_outage_readiness_and_status_say_so(stack):
     assert resp.status_code == 200
     wait_for(lambda: stack.ping().status_code == 200, 30, "readiness back after scaling up")
     assert stack.serve("status", timeout=60).returncode == 0
+    wait_for(lambda: requests.get(f"{stack.inference}/v2/models/{MODEL}/ready", timeout=10).status_code == 200, 30,
+             "v2 model readiness back after scaling up")
 
 
 # --- Open Inference Protocol v2, parsed by the handler so batching keeps working -------------------------

@@ -11,7 +11,7 @@ from tests.integration.stack import Stack
 
 
 def test_serve_start_twice_status_then_stop(tmp_path):
-    stack = Stack(tmp_path, free_ports(3), 1)
+    stack = Stack(tmp_path, free_ports(4), 1)
     first = stack.serve("start")
     try:
         assert first.returncode == 0, first.stdout + first.stderr
@@ -24,7 +24,8 @@ def test_serve_start_twice_status_then_stop(tmp_path):
         assert stack.key_file.read_text() == keys  # the service credential survives a second start
         status = stack.serve("status")
         assert status.returncode == 0 and "replica 0: ready" in status.stdout and ":READY" in status.stdout, status.stdout
-        pids = [stack.state()["pid"], stack.state()["gateway_pid"]] + [r["pid"] for r in stack.replica_state()]
+        pids = [stack.state()["pid"], stack.state()["gateway_pid"], stack.state()["grpc_pid"]] + [
+            r["pid"] for r in stack.replica_state()]
         assert all(psutil.pid_exists(p) for p in pids)
     finally:
         stopped = stack.serve("stop")

@@ -138,3 +138,19 @@ def test_merged_metrics_name_each_family_once_and_label_every_sample():
 
 def test_machine_figures_are_positive():
     assert capacity.machine_cores() >= 1 and capacity.machine_memory_mb() > 0
+
+
+@needs_nginx
+def test_the_grpc_port_and_the_v2_errors_are_rendered_and_accepted_by_nginx(tmp_path):
+    conf = render(GatewaySettings(**{**settings(tmp_path).__dict__, "public_grpc": "127.0.0.1:17070"}), KEYS)
+    (tmp_path / "logs").mkdir()
+    check = nginx_accepts(tmp_path / "run", conf, "nginx.conf")
+    assert check.returncode == 0, check.stderr
+    grpc = conf.split("# --- public gRPC")[1]
+    assert "listen 127.0.0.1:17070 http2" in grpc and f"grpc_pass unix:{tmp_path / 'run' / 'grpc.sock'};" in grpc
+    assert "add_header grpc-status 16 always" in grpc  # a missing credential: UNAUTHENTICATED, never INTERNAL/UNAVAILABLE
+    # every v2 location answers the gateway's own errors in the v2 shape
+    for block in re.findall(r"location [^{]*/v2[^{]*\{(.*?)\n        \}", conf, re.S):
+        assert "error_page 401 = @v2_401;" in block and "error_page 413 = @v2_413;" in block, block
+    assert """location @v2_401 { default_type application/json;""" in conf and '{"error": "Send the service credential' in conf
+    assert "# --- gRPC: not served" in render(settings(tmp_path), KEYS)  # none without a public gRPC address
