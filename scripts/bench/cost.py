@@ -25,16 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.bench.run import (
-    FASHION_IMAGE,
-    FASHION_PT,
-    Scenario,
-    derive_config,
-    ensure_hey,
-    machine,
-    run_scenarios,
-    start_server,
-)
+from scripts.bench.drive import FASHION_IMAGE, FASHION_PT, derive_config, ensure_hey, machine, start_server
+from scripts.bench.run import Scenario, run_scenarios
 from scripts.train.data import REPO, load_idx_dir, split
 from scripts.train.photos import render_photo
 

@@ -17,21 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
 
-from scripts.bench.run import SHIPPED_CONFIG, archive, derive_config, ensure_hey, hey, machine, start_server
-from scripts.deploy.harness import REPO, free_ports
-from scripts.deploy.supervisor import Stack, StackOptions
-from scripts.ops.tsclient import Endpoints, TorchServeClient
+from scripts.bench.drive import (
+    SHIPPED_CONFIG,
+    GatewayTarget,
+    archive,
+    derive_config,
+    ensure_hey,
+    hey,
+    machine,
+    start_server,
+)
+from scripts.bench.report import replace_section
+from scripts.deploy.harness import REPO
 
 BODY = REPO / "examples" / "coat.png"
 DOCS = REPO / "docs"
@@ -47,34 +53,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=DOCS / "benchmarks.md",
                    help="the file whose gateway section is rewritten")
     return p
-
-
-class GatewayTarget:
-    """A serving stack run in this process (gateway + replicas + supervisor thread)."""
-
-    def __init__(self, root: Path, replicas: int, model: str, store: Path, load_models: str):
-        ports = free_ports(3)
-        self.opts = StackOptions(run_dir=root / "run", log_dir=root / "logs", key_file=root / "key_file.json",
-                                 model_store=store, model=model, replicas=replicas,
-                                 public_inference=f"127.0.0.1:{ports[0]}", public_management=f"127.0.0.1:{ports[1]}",
-                                 public_metrics=f"127.0.0.1:{ports[2]}",
-                                 replica_overrides={"load_models": load_models})
-        self.stack = Stack(self.opts)
-        self.client = TorchServeClient(Endpoints(*(f"http://{a}" for a in (self.opts.public_inference,
-                                                                           self.opts.public_management,
-                                                                           self.opts.public_metrics))),
-                                       self.opts.key_file)
-
-    def start(self):
-        self.stack.start()
-        self.thread = threading.Thread(target=self.stack.supervise, daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.stack.stopping.set()
-        self.thread.join(timeout=30)
-        self.stack.stop()
 
 
 @contextmanager
@@ -176,12 +154,7 @@ def main(args: argparse.Namespace) -> dict:
     report = run(args)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     section = markdown(report)
-    text = args.markdown.read_text() if args.markdown.exists() else ""
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, section)
     print(section)
     return report
 

@@ -155,7 +155,7 @@ def start(venv: Path, mars: list[Path], workdir: Path) -> tuple[VenvServer, list
     srv = VenvServer(workdir, config, store, TorchServeClient.from_config(config, workdir), Path(os.path.abspath(venv)))
     srv.start(models[0], deadline_s=600)
     try:
-        from scripts.bench.run import wait_workers
+        from scripts.bench.drive import wait_workers
 
         wait_workers(srv, models)
     except Exception:
@@ -222,7 +222,7 @@ def predictions(srv: Server, models: list[str], image: Path, n: int) -> dict:
 
 def throughput(srv: Server, model: str, image: Path, concurrency: int, seconds: float) -> dict:
     """hey against ``model`` with X-TTA: off, as scripts/bench/run.py drives it (loopback only, the inference key)."""
-    from scripts.bench.run import hey
+    from scripts.bench.drive import hey
 
     res = hey(srv, model, image, "image/png", TTA_OFF, concurrency, seconds)
     keep = ("total_s", "requests_per_s", "ok_per_s", "p50_ms", "p90_ms", "p99_ms", "responses", "status", "error_count")

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from scripts.bench.gateway import GatewayTarget
-from scripts.bench.run import ensure_hey, machine, parse_hey
+from scripts.bench.drive import GatewayTarget, ensure_hey, machine, parse_hey
+from scripts.bench.report import replace_section
 from scripts.deploy.harness import REPO, free_ports
 
 BODY = REPO / "examples" / "coat.png"
@@ -266,12 +266,7 @@ def main(args: argparse.Namespace) -> dict:
     report = run(args)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     section = markdown(report)
-    text = args.markdown.read_text() if args.markdown.exists() else ""
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, section)
     print(section)
     return report
 

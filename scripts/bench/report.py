@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from statistics import mean
 
@@ -26,7 +27,6 @@ BEFORE_TTA_OFF_C32 = 645.8
 TTA_ACCURACY = "docs/tta.json"  # scripts.evaluate.tta's results: the gate's accuracy against full TTA
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 INSTALLS = DOCS / "benchmarks_memory.json"  # python -m scripts.bench.memory
-GATEWAY = DOCS / "benchmarks_gateway.json"  # make bench-gateway
 
 
 def _find(scenarios: list[dict], phase: str, label: str, c: int) -> dict | None:
@@ -232,13 +232,34 @@ def install_section(path: Path = INSTALLS) -> list[str]:
                           "frontend JVM RSS MiB", "req/s", "p99 ms"], rows)
 
 
-def gateway_section(path: Path = GATEWAY) -> list[str]:
-    """``make bench-gateway``'s section (scripts.bench.gateway, its own run and JSON), kept when this page is rewritten."""
-    if not path.exists():
-        return []
-    from scripts.bench import gateway
+_SECTION = re.compile(r"<!-- ([a-z-]+)-bench:start -->.*?<!-- \1-bench:end -->", re.S)
 
-    return ["", gateway.markdown(json.loads(path.read_text()))]
+
+def kept_sections(text: str) -> list[str]:
+    """The page's sections written by other commands (``make bench-gateway``, ``bench-protocols``,
+    ``bench-uploads``, ...), each between its own ``<!-- NAME-bench:start/end -->`` markers, in page order."""
+    return [m.group(0) for m in _SECTION.finditer(text)]
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Write ``section`` (starting and ending with its markers) into the page at ``path``: in place of the
+    section with the same markers, or appended; the rest of the page is left as it is."""
+    found = _SECTION.match(section)
+    if not found:
+        raise ValueError("a section must start and end with its <!-- NAME-bench:start/end --> markers")
+    text = path.read_text() if path.exists() else ""
+    start, end = f"<!-- {found.group(1)}-bench:start -->", f"<!-- {found.group(1)}-bench:end -->"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def write_page(path: Path, result: dict) -> None:
+    """docs/benchmarks.md from this run's results, keeping the sections other commands wrote into it."""
+    kept = kept_sections(path.read_text()) if path.exists() else []
+    path.write_text(markdown(result).rstrip() + "\n" + "".join(f"\n{section}\n" for section in kept))
 
 
 def markdown(result: dict) -> str:
@@ -431,6 +452,5 @@ def markdown(result: dict) -> str:
                   "process; USS is what each worker costs on its own.", ""]
         lines += memory_table(result["memory"])
     lines += install_section()
-    lines += gateway_section()
     lines.append("")
     return "\n".join(lines)

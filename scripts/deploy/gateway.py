@@ -13,7 +13,7 @@ Two kinds of nginx, each a master of its own:
   at once, which the gateway retries on another replica.
 
 Everything the templates need comes from one place each: the public addresses and the
-body limit from config.properties, the worker cap from scripts/deploy/capacity.py, the
+body limit from config.properties, the worker cap from scripts/ops/capacity.py, the
 service credentials from key_file.json (written here), each replica's address and
 TorchServe keys from the replica itself. The rendered files live in the run folder,
 readable by their owner only, because they hold keys.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from scripts.deploy.capacity import Capacity
+from scripts.ops.capacity import Capacity
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "gateway" / "nginx.conf.template"

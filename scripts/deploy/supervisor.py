@@ -44,7 +44,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from handler.request import PROBE_HEADER
-from scripts.deploy import capacity as capacity_mod
+from scripts.ops import capacity as capacity_mod
 from scripts.deploy.gateway import (
     GRPC_SOCKET,
     Gateway,
@@ -507,7 +507,7 @@ class Stack:
         own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
                 for (api, code), n in sorted(self.responses.items())]
         if self.capacity is not None:
-            own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/deploy/capacity.py).",
+            own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/ops/capacity.py).",
                     "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]
         return merge_metrics(texts) + "\n".join(own) + "\n"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from scripts.deploy import capacity
-from scripts.deploy.capacity import Capacity
+from scripts.ops import capacity
+from scripts.ops.capacity import Capacity
 from scripts.ops import drift
 from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
@@ -169,7 +169,7 @@ def worker_limit(client: TorchServeClient, model: str) -> tuple[Capacity | None,
     """The worker cap and the replicas to scale.
 
     Through the gateway: the cap it enforces and its replicas (GET /replicas). A TorchServe
-    reached directly: the same rule (scripts/deploy/capacity.py) applied to its workers,
+    reached directly: the same rule (scripts/ops/capacity.py) applied to its workers,
     measured here when it runs on this machine; (None, None) when it cannot be measured.
     """
     resp = client.request("management", "GET", "/replicas", check=False)

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import requests
 
-from scripts.deploy.capacity import workers_of
+from scripts.ops.capacity import workers_of
 from scripts.deploy.harness import REPO
 from tests.integration.stack import running_stack
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.deploy import capacity
-from scripts.deploy.capacity import Capacity, frontend_bound_mb
+from scripts.ops import capacity
+from scripts.ops.capacity import Capacity, frontend_bound_mb
 from scripts.deploy.gateway import GatewaySettings, Hop, HopSettings, ReplicaRoute, nginx_binary, render, service_keys
 from scripts.deploy.supervisor import merge_metrics
 

@@ -11,7 +11,7 @@ No cluster is needed (docs/kubernetes.md says what was and was not run on one):
 - the figures that exist elsewhere agree with their source: the image name (build-image.sh), the
   uid (Containerfile), the ports (config.properties), the probe paths and the startup budget
   (scripts/deploy/serve.py), the Secret and the key file (scripts/deploy/gateway.py), and the
-  memory figures (scripts/deploy/capacity.py's rule, model-config.yaml's workers,
+  memory figures (scripts/ops/capacity.py's rule, model-config.yaml's workers,
   config.properties' JVM sizes);
 - the Kustomization renders, with the kubectl on PATH (or $KUBECTL), exactly the objects that
   ``kubectl apply -f deploy/kubernetes/`` applies.
@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.deploy import capacity
+from scripts.ops import capacity
 from scripts.ops.tsclient import read_properties
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e .[dev] (kubernetes-validate)")

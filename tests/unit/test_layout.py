@@ -112,10 +112,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def handler_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in python_files(HANDLER)}
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in python_files(folder)}
     return {name: {m for m in imported_modules(path) if m in modules and m != name}
             for name, path in modules.items()}
+
+
+def handler_graph() -> dict[str, set[str]]:
+    return import_graph(HANDLER)
+
+
+# scripts/ in layers: a package may import its own layer's package or any below it, never one above.
+LAYERS = {"train": 0, "ops": 1, "deploy": 2, "evaluate": 3, "diagnose": 3, "demo": 3, "bench": 4, "ctl": 5, "client": 5}
 
 
 def test_find_cycle_finds_one():
@@ -128,6 +136,22 @@ def test_handler_import_graph_has_no_cycle():
     assert "handler.spec" in graph["handler.loader"]  # the graph sees the edges it should
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in handler/: " + " -> ".join(cycle)
+
+
+def test_scripts_import_graph_has_no_cycle():
+    graph = import_graph(SCRIPTS)
+    assert "scripts.bench.drive" in graph["scripts.bench.run"]  # the graph sees the edges it should
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle in scripts/: " + " -> ".join(cycle)
+
+
+def test_scripts_packages_import_only_their_own_layer_or_below():
+    """train < ops < deploy < evaluate, diagnose, demo < bench: e.g. ops never imports deploy."""
+    packages = {m.split(".")[1] for m in import_graph(SCRIPTS) if m.count(".") >= 1}
+    assert packages <= set(LAYERS), f"packages without a layer: {sorted(packages - set(LAYERS))}"
+    upward = [f"{a} -> {b}" for a, targets in import_graph(SCRIPTS).items() for b in sorted(targets)
+              if a.split(".")[1] != b.split(".")[1] and LAYERS[a.split(".")[1]] <= LAYERS[b.split(".")[1]]]
+    assert not upward, "imports that point up (or across) the layers:\n" + "\n".join(upward)
 
 
 def test_tta_does_not_import_spec():
