@@ -44,7 +44,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from handler.request import PROBE_HEADER
-from scripts.ops import capacity as capacity_mod
 from scripts.deploy.gateway import (
     GRPC_SOCKET,
     Gateway,
@@ -58,6 +57,7 @@ from scripts.deploy.gateway import (
 )
 from scripts.deploy.harness import EXAMPLE, REPO
 from scripts.deploy.replicas import Replica
+from scripts.ops import capacity as capacity_mod
 from scripts.ops.tsclient import TorchServeClient, read_properties
 
 PROBE_INTERVAL_S = 2.0

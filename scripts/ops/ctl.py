@@ -29,9 +29,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from scripts.ops import capacity
+from scripts.ops import capacity, drift
 from scripts.ops.capacity import Capacity
-from scripts.ops import drift
 from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
 MODEL = "fashion_cnn"

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import requests
 
-from scripts.ops.capacity import workers_of
 from scripts.deploy.harness import REPO
+from scripts.ops.capacity import workers_of
 from tests.integration.stack import running_stack
 
 COAT = REPO / "examples" / "coat.png"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts.ops import capacity
-from scripts.ops.capacity import Capacity, frontend_bound_mb
 from scripts.deploy.gateway import GatewaySettings, Hop, HopSettings, ReplicaRoute, nginx_binary, render, service_keys
 from scripts.deploy.supervisor import merge_metrics
+from scripts.ops import capacity
+from scripts.ops.capacity import Capacity, frontend_bound_mb
 
 HERE = Capacity(worker_mb=570.0, frontend_mb=1792.0, memory_mb=24105.0, cores=2, replicas=1)
 
