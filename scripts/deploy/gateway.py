@@ -116,7 +116,8 @@ class GatewaySettings:
     public_metrics: str
     max_body: int  # bytes: config.properties' max_request_size
     capacity: Capacity
-    large_bodies: int = 4  # large bodies in flight at once, per gateway
+    large_bodies: int = 4  # large bodies (4 MB up to the body limit, or chunked) in flight at once, per gateway
+    photo_bodies: int = 16  # phone-photo bodies (1 MB to 4 MB) in flight at once, per gateway
     read_timeout_s: int = 30  # a prediction takes milliseconds; a frozen worker should not hold a client longer
     tries: int = 3
     retry_window_s: int = 60
@@ -397,6 +398,7 @@ def render(settings: GatewaySettings, keys: dict) -> str:
         "auth_failure_rate": settings.auth_failure_rate,
         "auth_failure_burst": str(settings.auth_failure_burst),
         "large_bodies": str(settings.large_bodies),
+        "photo_bodies": str(settings.photo_bodies),
         "allowed_counts": _allowed_counts(settings.capacity.cap),
         "read_timeout": f"{settings.read_timeout_s}s",
         "tries": str(settings.tries),

@@ -10,7 +10,7 @@ addresses are config.properties' (127.0.0.1:8080 inference, :8081 management, :8
 metrics, and 127.0.0.1:7070 for KServe's gRPC service, grpc_inference_address/port); the
 replicas run on free loopback ports behind the gateway. Environment:
 REPLICAS, GATEWAY_HOST (the host the public ports bind; 0.0.0.0 in the container),
-SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE, GATEWAY_LARGE_BODIES, GATEWAY_ACCESS_LOG. Starting twice is safe: when the service already
+SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE, GATEWAY_LARGE_BODIES, GATEWAY_PHOTO_BODIES, GATEWAY_ACCESS_LOG. Starting twice is safe: when the service already
 answers, ``start`` only prints how to call it.
 """
 
@@ -53,7 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, default=Path(env("KEY_FILE", REPO / "key_file.json")),
                    help="the service credentials (created when missing; TorchServe's key-file format)")
     p.add_argument("--large-bodies", type=int, default=int(env("GATEWAY_LARGE_BODIES", "4")),
-                   help="bodies of 1 MB or more in flight at once; more get 503 + Retry-After")
+                   help="bodies of 4 MB or more (or chunked) in flight at once; more get 503 + Retry-After")
+    p.add_argument("--photo-bodies", type=int, default=int(env("GATEWAY_PHOTO_BODIES", "16")),
+                   help="bodies of 1 MB to 4 MB (phone photos) in flight at once; more get 503 + Retry-After")
     p.add_argument("--access-log", choices=("file", "stdout"), default=env("GATEWAY_ACCESS_LOG", "file"),
                    help="the gateway's JSON access log: logs/gateway_access.log (rotated) or stdout (env GATEWAY_ACCESS_LOG)")
     p.add_argument("--model", default="fashion_cnn")
@@ -111,7 +113,7 @@ def stack_options(args) -> StackOptions:
                         model=args.model, replicas=args.replicas, public_inference=addr["inference"],
                         public_management=addr["management"], public_metrics=addr["metrics"], public_grpc=addr["grpc"],
                         max_body=int(props.get("max_request_size", 10 * 2**20)), large_bodies=args.large_bodies,
-                        access_log=args.access_log, ready_timeout_s=args.timeout)
+                        photo_bodies=args.photo_bodies, access_log=args.access_log, ready_timeout_s=args.timeout)
 
 
 def state(args) -> dict:
@@ -181,7 +183,8 @@ def start(args) -> int:
     log_path = args.log_dir / "serve.log"
     cmd = [sys.executable, "-m", "scripts.deploy.serve", "run", "--replicas", str(args.replicas),
            "--config", str(args.config), "--run-dir", str(args.run_dir), "--log-dir", str(args.log_dir),
-           "--key-file", str(args.key_file), "--large-bodies", str(args.large_bodies), "--access-log", args.access_log, "--model", args.model,
+           "--key-file", str(args.key_file), "--large-bodies", str(args.large_bodies),
+           "--photo-bodies", str(args.photo_bodies), "--access-log", args.access_log, "--model", args.model,
            "--timeout", str(args.timeout)] + (["--host", args.host] if args.host else []) + \
           (["--ports", args.ports] if args.ports else [])
     print(f"starting the gateway and {args.replicas} TorchServe replica(s); log: {log_path}")

@@ -87,6 +87,7 @@ class StackOptions:
     public_grpc: str | None = None  # KServe's gRPC service on this host:port; None: not served
     max_body: int = 10 * 2**20
     large_bodies: int = 4
+    photo_bodies: int = 16
     access_log: str = "file"  # or "stdout"
     ready_timeout_s: float = 240.0
     replica_overrides: dict[str, str] = field(default_factory=dict)
@@ -247,7 +248,7 @@ class Stack:
         o = self.opts
         return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
                                public_management=o.public_management, public_metrics=o.public_metrics,
-                               max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, access_log=o.access_log,
+                               max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, photo_bodies=o.photo_bodies, access_log=o.access_log,
                                replicas=[r.index for r in self.replicas], public_grpc=o.public_grpc)
 
     def hop_settings(self, replica: Replica, ready: set[int]) -> HopSettings:

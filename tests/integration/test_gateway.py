@@ -192,27 +192,58 @@ def test_bodies_over_the_limit_are_refused_with_413_json(stack):
     assert resp.status_code == 413 and resp.json()["type"] == "PayloadTooLarge"
 
 
-def test_large_bodies_beyond_the_limit_in_flight_get_503_with_retry_after(stack):
-    """Four large uploads may be in flight; a fifth is answered at once, before its body is read."""
-    size = 9 * 2**20
+def _held_uploads(stack, count: int, size: int) -> list[socket.socket]:
+    """``count`` uploads of ``size`` bytes whose headers and first megabyte are sent: in flight, body still coming."""
     head = (f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.key()}\r\n"
             f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n").encode()
     held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", stack.ports[0]), timeout=30)
+        sock.sendall(head + b"\0" * 2**20)
+        held.append(sock)
+    return held
+
+
+def _finish(held: list[socket.socket], size: int) -> None:
+    """Send the rest of each held upload: each is answered (not an image: 415), none lost."""
+    for sock in held:
+        sock.sendall(b"\0" * (size - 2**20))
+    for sock in held:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 415"), "a held upload got no answer"
+
+
+def test_large_bodies_beyond_the_limit_in_flight_get_503_with_retry_after(stack):
+    """Four large uploads (4 MB or more) may be in flight; a fifth is answered at once, before its body is read,
+    while phone-photo-sized uploads (1-4 MB) and small requests still pass."""
+    size = 9 * 2**20
+    held = []
     try:
-        for _ in range(4):
-            sock = socket.create_connection(("127.0.0.1", stack.ports[0]), timeout=30)
-            sock.sendall(head + b"\0" * 2**20)  # the body is still coming
-            held.append(sock)
+        held = _held_uploads(stack, 4, size)
         time.sleep(0.5)
-        resp = requests.post(predictions(stack), data=b"\0" * 2**21, headers=auth(stack), timeout=30)
+        resp = requests.post(predictions(stack), data=b"\0" * (5 * 2**20), headers=auth(stack), timeout=30)
         assert resp.status_code == 503 and resp.json()["type"] == "ServiceUnavailable", resp.text
         assert int(resp.headers["Retry-After"]) >= 1
+        photo = requests.post(predictions(stack), data=b"\0" * (3 * 2**20), headers=auth(stack), timeout=30)
+        assert photo.status_code == 415  # its own class: answered by the handler (not an image)
         small = requests.post(predictions(stack), data=COAT.read_bytes(), headers=auth(stack), timeout=60)
         assert small.status_code == 200  # small requests are not held up
-        for sock in held:  # finish the four: each is answered (not an image: 415), none lost
-            sock.sendall(b"\0" * (size - 2**20))
+        _finish(held, size)
+    finally:
         for sock in held:
-            assert sock.recv(4096).startswith(b"HTTP/1.1 415"), "a held large upload got no answer"
+            sock.close()
+
+
+def test_phone_photo_bodies_have_sixteen_slots_of_their_own(stack):
+    """Phone photos are 1-4 MB: sixteen may be in flight at once (docs/security.md: within what a frontend
+    holds); the seventeenth gets 503 + Retry-After before its body is read."""
+    size = 3 * 2**20
+    held = []
+    try:
+        held = _held_uploads(stack, 16, size)
+        time.sleep(0.5)
+        resp = requests.post(predictions(stack), data=b"\0" * (2 * 2**20), headers=auth(stack), timeout=30)
+        assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1, resp.text
+        _finish(held, size)
     finally:
         for sock in held:
             sock.close()
