@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scripts.train.data import DEFAULT_DATA, read_idx
 from scripts.train.photos import STYLES, render_all, to_image
 
-NON_GARMENT_SETS: tuple[str, ...] = ("digits", "photos", "faces", "text", "noise", "shapes")
+NON_GARMENT_SETS: tuple[str, ...] = ("digits", "photos", "faces", "text", "noise", "shapes", "mnist_digits")
 """Names of the sets returned by :func:`non_garment_sets`, in order."""
 
 MIN_SIDE, MAX_SIDE = 28, 400  # size range of the non-garment images
@@ -292,8 +292,30 @@ def _shape(rng: np.random.Generator, src: _Sources) -> Image.Image:
     return img if rgb else img.convert("L")
 
 
+def _mnist_digit(rng: np.random.Generator, src: _Sources) -> Image.Image:
+    """One handwritten digit the MNIST way, the classic companion of Fashion-MNIST: a light digit whose box is
+    scaled to 20 px, centred on a black 28x28 canvas by its centre of mass, as an 8-bit grayscale PNG."""
+    ink = src.digits[rng.integers(len(src.digits))] / 16.0  # (8, 8) ink 0..1
+    up = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize((40, 40), Image.BICUBIC), dtype=np.float32)
+    up = np.clip((up - 40.0) * 1.3, 0, 255)  # sharpen the upscaled strokes' fall-off
+    rows, cols = np.flatnonzero(up.max(axis=1) > 30), np.flatnonzero(up.max(axis=0) > 30)
+    up = up[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = 20.0 / max(up.shape)
+    digit = np.asarray(Image.fromarray(up.astype(np.uint8)).resize(
+        (max(1, round(up.shape[1] * scale)), max(1, round(up.shape[0] * scale))), Image.LANCZOS), dtype=np.float32)
+    yy, xx = np.mgrid[: digit.shape[0], : digit.shape[1]]
+    mass = digit.sum() or 1.0
+    cy, cx = (yy * digit).sum() / mass, (xx * digit).sum() / mass
+    top, left = int(round(14 - cy)), int(round(14 - cx))
+    top, left = min(max(top, 0), 28 - digit.shape[0]), min(max(left, 0), 28 - digit.shape[1])
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return to_image(canvas * rng.uniform(0.85, 1.0))
+
+
 _GENERATORS: dict[str, Callable[[np.random.Generator, _Sources], Image.Image]] = {
     "digits": _digit, "photos": _photo, "faces": _face, "text": _text, "noise": _noise, "shapes": _shape,
+    "mnist_digits": _mnist_digit,
 }
 
 
@@ -329,6 +351,9 @@ def non_garment_sets(n_per_set: int, seed: int) -> dict[str, list[Image.Image]]:
       thresholded) blobs; grey or colour.
     - ``shapes``: generated with ``PIL.ImageDraw``: discs and rings, stars, line grids,
       checkerboards, stripes at any angle, random polygons.
+    - ``mnist_digits``: scikit-learn's digits again, made the MNIST way (the Fashion-MNIST vs MNIST
+      benchmark pair): one light digit, its box scaled to 20 px and centred by its centre of mass on a
+      black 28x28 canvas, 8-bit grayscale.
 
     Args:
         n_per_set: images per set (>= 0).

@@ -189,6 +189,11 @@ VALID = [
     Case("jpeg_baseline", raw(lambda: encode(rgb(), "JPEG", quality=90), "image/jpeg"), 200, check=boot_label),
     Case("jpeg_progressive", raw(lambda: encode(rgb(), "JPEG", quality=90, progressive=True)), 200, check=boot_label),
     Case("jpeg_cmyk", raw(lambda: encode(rgb().convert("CMYK"), "JPEG", quality=90)), 200, check=boot_label),
+    # HEIC (pillow-heif's x265 encoder) and AVIF (Pillow's), as phones and browsers make them
+    Case("heic", raw(lambda: encode(rgb(BOOT.resize((224, 224), Image.BICUBIC)), "HEIF", quality=90), "image/heic"),
+         200, check=boot_label),
+    Case("avif", raw(lambda: encode(rgb(BOOT.resize((224, 224), Image.BICUBIC)), "AVIF", quality=90), "image/avif"),
+         200, check=boot_label),
     # geometry
     Case("1x1", raw(lambda: encode(Image.new("L", (1, 1), 255), "PNG")), 200, check=an_answer),
     Case("2000x3", raw(lambda: encode(Image.new("RGB", (2000, 3), (200, 200, 200)), "PNG")), 200, check=an_answer),
@@ -216,6 +221,10 @@ INVALID = [
     Case("png_corrupt_pixel_data", raw(lambda: png_claiming(28, 28, b"\x78\x9c" + bytes(range(200)))), 400, "InvalidImage",
          ["PNG", "corrupt"]),
     Case("jpeg_truncated", raw(lambda: encode(rgb(BOOT.resize((200, 200))), "JPEG")[:900]), 400, "InvalidImage", ["JPEG", "truncated"]),
+    Case("heic_truncated", raw(lambda: (lambda d: d[: len(d) // 2])(encode(rgb(BOOT.resize((200, 200))), "HEIF"))),
+         400, "InvalidImage", ["HEIC", "truncated"]),
+    Case("avif_truncated", raw(lambda: (lambda d: d[: len(d) // 2])(encode(rgb(BOOT.resize((200, 200))), "AVIF"))),
+         400, "InvalidImage", ["AVIF", "truncated"]),
     Case("jpeg_corrupt", raw(lambda: (lambda j: j[:2] + b"\xff\xff" * 40 + j[82:])(encode(rgb(), "JPEG"))), 400, "InvalidImage",
          ["JPEG", "corrupt"]),
     Case("decompression_bomb_header_30000x30000", raw(lambda: png_claiming(30_000, 30_000)), 413, "ImageTooLarge",
