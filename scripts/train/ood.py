@@ -20,14 +20,42 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from handler.canonical import SIGNALS
 from handler.ood import Detector, Layer, OODSpec, expand
 
 # How synthetic outliers are made from a training garment (28x28, white on black).
 OUTLIER_KINDS = ("permuted", "patch_shuffled", "edges", "zoomed_crop", "clutter", "blend", "stripes", "row", "blobs",
-                 "drowned", "faded")
+                 "drowned", "faded", "strokes", "pen")
+
+
+def _mnist_frame(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A light drawing on black the MNIST way: its box scaled to 18-22 px, centred on a 28x28 canvas."""
+    rows, cols = np.flatnonzero(ink.max(axis=1) > 20), np.flatnonzero(ink.max(axis=0) > 20)
+    if not len(rows):
+        return np.zeros((28, 28), dtype=np.float32)
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = rng.uniform(18, 22) / max(ink.shape)
+    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+    small = np.asarray(Image.fromarray(np.clip(ink, 0, 255).astype(np.uint8)).resize(size, Image.LANCZOS), dtype=np.float32)
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return canvas
+
+
+def _pen(rng: np.random.Generator, size: int = 112) -> np.ndarray:
+    """One to three smooth pen strokes (cubic Bezier curves), light on black, 2-4 % of the frame thick."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    t = np.linspace(0, 1, 40)[:, None]
+    for _ in range(int(rng.integers(1, 4))):
+        p = rng.uniform(0.1, 0.9, size=(4, 2)) * size
+        curve = ((1 - t) ** 3) * p[0] + 3 * ((1 - t) ** 2) * t * p[1] + 3 * (1 - t) * t * t * p[2] + t**3 * p[3]
+        draw.line([tuple(map(float, q)) for q in curve], fill=int(rng.integers(200, 256)),
+                  width=max(2, int(size * rng.uniform(0.06, 0.1))), joint="curve")
+    return np.asarray(img.filter(ImageFilter.GaussianBlur(size * 0.01)), dtype=np.float32)
 
 
 def synthetic_outlier(garments: np.ndarray, i: int, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -79,6 +107,17 @@ def synthetic_outlier(garments: np.ndarray, i: int, kind: str, rng: np.random.Ge
         big = np.asarray(Image.fromarray(garments[i]).resize((side, side), Image.BICUBIC), dtype=np.float32)
         amplitude = float(rng.uniform(150, 255))
         b = big * 0.3 + rng.uniform(0, amplitude, big.shape) if rng.random() < 0.5 else big * 0.3 + rng.normal(128, amplitude / 3, big.shape)
+    elif kind == "strokes":  # a garment's skeleton drawn as pen strokes, framed the MNIST way: a line drawing
+        from skimage.morphology import skeletonize
+
+        big = np.asarray(Image.fromarray(garments[i]).resize((112, 112), Image.BICUBIC), dtype=np.float32)
+        skeleton = skeletonize(big > rng.uniform(40, 90)).astype(np.uint8) * 255
+        width = int(rng.integers(5, 11))
+        ink = np.asarray(Image.fromarray(skeleton).filter(ImageFilter.MaxFilter(width | 1)).filter(
+            ImageFilter.GaussianBlur(1.5)), dtype=np.float32)
+        b = _mnist_frame(ink, rng)
+    elif kind == "pen":  # free pen strokes, framed the MNIST way (drawn by code, from no data set)
+        b = _mnist_frame(_pen(rng), rng)
     elif kind == "faded":  # a garment faded into its background: next to nothing to see
         b = rng.uniform(0, 255) + a * rng.uniform(0.0, 0.04) + rng.normal(0, rng.uniform(0, 2), a.shape)
     else:

@@ -31,7 +31,7 @@ import torch
 from handler.loader import EXTRA_FILES, GOLDEN_FILENAME, QUANTIZATION_FILENAME, int8_path, read_extra_file, read_model
 from scripts.train import ood, quantize
 from scripts.train.data import DEFAULT_DATA, REPO, eval_inputs, load_idx_dir, split
-from scripts.train.export import ExportRefused, golden_inputs, photographed
+from scripts.train.export import ExportRefused, drops, golden_inputs, photographed
 from scripts.train.photos import STYLES, render_photo_bytes
 
 
@@ -54,19 +54,6 @@ def _load(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
         warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
         model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return model, {k: v.decode() if isinstance(v, bytes) else v for k, v in extra.items() if v}
-
-
-def drops(recorded: dict, measured: dict, max_drop: float) -> list[str]:
-    """Every accuracy that fell more than ``max_drop`` points below the recorded one, named."""
-    out = []
-    for name, sets in measured.items():
-        for mode in ("tta_off", "tta_on"):
-            for model in ("fp32", "int8"):
-                key = f"accuracy_{model}"
-                was, now = recorded.get(name, {}).get(mode, {}).get(key), sets.get(mode, {}).get(key)
-                if was is not None and now is not None and now < was - max_drop:
-                    out.append(f"{name} {mode} {model}: {now:.2f} % (recorded {was:.2f} %)")
-    return out
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -514,3 +514,23 @@ def render_scenes(garments, kind: str, seed: int, regime_name: str = "eval", **k
     """``render_scene`` on every garment with one generator per (kind, regime, seed): reproducible sets."""
     rng = np.random.default_rng([seed, KINDS.index(kind), REGIMES.index(regime_name)])
     return [render_scene(g, kind, rng, regime_name, **kwargs) for g in garments]
+
+
+# Training's mix: catalogue photos (scripts.train.photos) and scenes of every kind, each scene 400-1000 px on its
+# long side (a phone photo decodes at 1/8 to 500x375 anyway: handler/decode.py), in the train regime.
+CATALOGUE_SHARE = 0.4
+
+
+def training_photo(garment: np.ndarray, rng: np.random.Generator, regime_name: str = "train") -> bytes:
+    """One photo of ``garment`` as training sees them: a catalogue photo (40 %) or a scene of a random kind,
+    the JPEG file's bytes (sent through the server's own decoding by ``scripts.train.data.eval_inputs``)."""
+    from scripts.train.photos import STYLES, render_photo_bytes
+
+    if rng.random() < CATALOGUE_SHARE:
+        return render_photo_bytes(garment, STYLES[int(rng.integers(len(STYLES)))], rng)
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    long_ = int(rng.integers(400, 1001))
+    size = (long_, int(long_ * rng.uniform(0.7, 0.8)))
+    if rng.random() < 0.4:
+        size = size[::-1]
+    return render_scene(garment, kind, rng, regime_name, size=size, work=long_).data

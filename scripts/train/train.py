@@ -6,8 +6,9 @@
     python -m scripts.train.train --download --data data/          # fetch the official files first (online)
 
 With a canonicalising spec (the default), every batch pairs the native garments with
-the same garments rendered as catalogue photos (``scripts.train.photos``) and brought
-back by the server's own preprocessing, with small rotations and scales: the model
+the same garments photographed (``scripts.train.scenes.training_photo``: catalogue photos
+and phone scenes of every kind, the train regime's parameters) and brought back from the
+JPEG bytes by the server's own preprocessing, with small rotations and scales: the model
 learns what canonicalisation leaves of a photo without seeing fewer native images.
 
 Then ``python -m scripts.train.export`` turns the checkpoint into the served TorchScript file.
@@ -35,7 +36,7 @@ from handler.spec import ModelSpec
 from handler.tta import background_fill
 from scripts.train.data import REPO, eval_tensors, fashion_spec, load_dataset, split
 from scripts.train.model import FashionCNN
-from scripts.train.photos import STYLES, render_photo_bytes
+from scripts.train.scenes import training_photo
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shift", type=int, default=2, help="training augmentation: random shift in pixels")
     p.add_argument("--no-hflip", action="store_true", help="do not flip left-right during training")
     p.add_argument("--photo-variants", type=int, default=3,
-                   help="catalogue photos rendered per training image and canonicalised back; every batch pairs the "
+                   help="photos (catalogue and phone scenes) rendered per training image and canonicalised back; every batch pairs the "
                         "native images with one of their photos (0: native images only; needs spec.canonical)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.995,
@@ -100,12 +101,12 @@ def affine_jitter(x: torch.Tensor, fill: torch.Tensor, degrees: float, scale: fl
 def _render_variants(job: tuple[np.ndarray, int, int, ModelSpec]) -> torch.Tensor:
     garment, seed, count, spec = job
     rng = np.random.default_rng(seed)
-    photos = [render_photo_bytes(garment, STYLES[int(rng.integers(len(STYLES)))], rng) for _ in range(count)]
+    photos = [training_photo(garment, rng) for _ in range(count)]
     return eval_tensors(photos, spec)  # the JPEG files through the server's own decoding
 
 
 def photo_pool(images: np.ndarray, spec: ModelSpec, count: int, seed: int) -> torch.Tensor:
-    """(N, count, C, H, W): each training image rendered as ``count`` catalogue photos (random styles, JPEG files)
+    """(N, count, C, H, W): each training image photographed ``count`` times (``training_photo``, JPEG files)
     and brought back by the server's own path from the bytes (``handler.preprocess.bytes_to_input``)."""
     jobs = [(img, seed * 1_000_003 + i, count, spec) for i, img in enumerate(images)]
     with multiprocessing.get_context("fork").Pool(min(4, os.cpu_count() or 1)) as pool:
