@@ -30,13 +30,13 @@ handler; its parameters live in the spec (``spec.canonical``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from handler import segment
 from handler.errors import SpecError
 
 # Names of the raw-image signals, in the order of ``Canonical.signals``.
@@ -49,6 +49,10 @@ SIGNALS = (
     "contrast",  # object highlight minus background, in units of full intensity
     "touches_edges",  # how many image edges the object's box touches (0..4)
     "light_background",  # 1.0 when the background was light and the image was inverted
+    "background_spread",  # the background's texture: its spread around its model, in units of full intensity
+    "background_tones",  # how many tones the background has (0: one colour or one smooth surface; 2-3: planks, checks)
+    "dropped_share",  # share of the differing pixels left out of the object (clutter, or a scene with no one object)
+    "solidity",  # object pixels / the area of their convex hull (a garment is solid; strokes and scraps are not)
 )
 
 
@@ -58,6 +62,7 @@ class CanonicalSpec:
 
     tolerance: float = 0.05  # least difference from the background that counts as object (share of 255)
     noise_factor: float = 4.0  # ... or this many times the border's noise level, whichever is larger
+    spread_factor: float = 2.0  # ... or this many times the background's spread (its texture), whichever is largest
     border: float = 0.04  # width of the border ring that estimates the background (share of the short side)
     # The mask is computed on a copy halved until its long side is under twice this (256: 256-511 pixels).
     analysis_size: int = 256
@@ -70,6 +75,7 @@ class CanonicalSpec:
         checks = {
             "tolerance": 0.0 < self.tolerance < 1.0,
             "noise_factor": self.noise_factor >= 0.0,
+            "spread_factor": self.spread_factor >= 0.0,
             "border": 0.0 < self.border <= 0.25,
             "analysis_size": isinstance(self.analysis_size, int) and self.analysis_size >= 32,
             "decode_size": isinstance(self.decode_size, int) and self.decode_size >= self.analysis_size,
@@ -79,7 +85,7 @@ class CanonicalSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
                 raise SpecError(
-                    f"canonical.{name} is out of range: {value!r} (tolerance in (0, 1), noise_factor >= 0, "
+                    f"canonical.{name} is out of range: {value!r} (tolerance in (0, 1), noise_factor and spread_factor >= 0, "
                     "border in (0, 0.25], analysis_size an integer >= 32, decode_size an integer >= analysis_size, "
                     "light_threshold in (0, 1))"
                 )
@@ -90,11 +96,16 @@ class Canonical:
     image: Image.Image  # in the model's mode, at the model's input size
     signals: tuple[float, ...]  # see SIGNALS
     passthrough: bool  # True when the input was canonical already
+    # The region the object was taken from, as shares of the image's width and height (left, top, right, bottom);
+    # None when no object was found.
+    region: tuple[float, float, float, float] | None = None
 
 
 # The final resampling to the model's input: Pillow's Lanczos after an integer box reduction that stops at three
 # times the target (reducing_gap=3): within 0.3 of a level of a plain Lanczos on average and several times cheaper.
 REDUCING_GAP = 3.0
+# The crop is brought to at most this many times the model's input before its grey is computed.
+GREY_SCALE = 4
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -103,65 +114,6 @@ def _luminance(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[-1] != 3:
         return arr
     return arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
-
-
-def _ring(arr: np.ndarray, width: int) -> np.ndarray:
-    """The pixels of a ring ``width`` wide along the image border, as (n, channels)."""
-    h, w = arr.shape[:2]
-    width = max(1, min(width, h // 2 or 1, w // 2 or 1))
-    parts = [arr[:width], arr[h - width :], arr[width : h - width, :width], arr[width : h - width, w - width :]]
-    channels = 1 if arr.ndim == 2 else arr.shape[2]
-    return np.concatenate([p.reshape(-1, channels) for p in parts if p.size])
-
-
-def _median_of_counts(counts: np.ndarray) -> float:
-    """``np.median`` of the integers whose histogram is ``counts`` (the two middle values averaged)."""
-    cumulative = np.cumsum(counts)
-    n = int(cumulative[-1])
-    low = int(np.searchsorted(cumulative, (n - 1) // 2 + 1))
-    high = int(np.searchsorted(cumulative, n // 2 + 1))
-    return (low + high) / 2.0
-
-
-def estimate_background(arr: np.ndarray, border: float) -> tuple[np.ndarray, float, np.ndarray]:
-    """(background colour per channel, noise level, ring distances) from the border ring of an 8-bit image.
-
-    The background is the most common luminance of the ring (16 bins), so an object
-    that touches or crosses the border does not shift it; the noise level is the
-    robust spread (1.4826 x MAD) of the ring pixels in that bin around it.  Medians come
-    from histograms (8-bit values; distances on a half-level grid), exactly as ``np.median``.
-    """
-    ring = _ring(arr, round(border * min(arr.shape[:2])))
-    channels = np.ascontiguousarray(ring.T)  # (C, n): reductions over a row are fast, over 3-wide rows slow
-    lum = channels[0] if len(channels) == 1 else _LUMA @ channels.astype(np.float32)
-    bins = np.minimum((lum * np.float32(1 / 16)).astype(np.int16), 15)
-    mode = int(np.bincount(bins, minlength=16).argmax())
-    near = np.abs(bins - mode) <= 1
-    background = np.asarray([_median_of_counts(np.bincount(c[near], minlength=256)) for c in channels])
-    # Distances on the half-level grid, doubled to integers: 2|v - b| = |2v - 2b|; the largest over channels.
-    doubled = functools.reduce(np.maximum, (np.abs(2 * c.astype(np.int16) - int(2 * b)) for c, b in zip(channels, background)))
-    noise = 1.4826 * _median_of_counts(np.bincount(doubled[near], minlength=511)) / 2.0
-    return background, noise, doubled * 0.5
-
-
-def _distance_to(arr: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """``floor(|arr - background|)``, the largest over channels, for an 8-bit (H, W) or (H, W, C) array and a
-    background of whole or half levels (what ``estimate_background`` gives): for ``b = k + 0.5`` it is
-    ``min(|v - k|, |v - (k + 1)|)``, two saturating integer differences instead of float arithmetic."""
-    low, high = np.floor(background), np.ceil(background)
-    if not np.all((background - low) * 2 == np.rint((background - low) * 2)):
-        raise ValueError(f"background must be in whole or half levels, got {background}")
-    if arr.ndim == 2:
-        lo, hi = float(low[0]), float(high[0])
-    else:
-        lo, hi = tuple(float(v) for v in low) + (0.0,), tuple(float(v) for v in high) + (0.0,)
-    distance = cv2.absdiff(arr, lo)
-    if not np.array_equal(low, high):
-        distance = cv2.min(distance, cv2.absdiff(arr, hi))
-    if distance.ndim == 3:
-        channels = cv2.split(distance)
-        distance = channels[0] if len(channels) == 1 else cv2.max(cv2.max(channels[0], channels[1]), channels[2])
-    return distance
 
 
 def _analysis_copy(arr: np.ndarray, size: int) -> np.ndarray:
@@ -173,46 +125,6 @@ def _analysis_copy(arr: np.ndarray, size: int) -> np.ndarray:
         h, w = arr.shape[:2]
         arr = cv2.resize(arr, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
     return arr
-
-
-def _distance(arr: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Per pixel, the largest channel difference from the background, as 8-bit levels (truncated).
-
-    Median-filtered (3x3) on images of at least 8 pixels a side, so JPEG artefacts and sensor
-    noise do not count; tiny images are kept intact (and their distances exact)."""
-    if min(arr.shape[:2]) < 8:
-        diff = np.abs(arr.astype(np.float32) - background.astype(np.float32))
-        return diff.max(axis=2) if arr.ndim == 3 else diff
-    distance = _distance_to(arr, background)
-    return cv2.medianBlur(distance, 3)
-
-
-def _object_box(arr: np.ndarray, background: np.ndarray, threshold: float) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
-    """Object mask (median-filtered distance above threshold) and its bounding box (left, top, right, bottom)."""
-    distance = _distance(arr, background)
-    # 8-bit distances: d > t exactly when d > floor(t), and an integer comparison is cheaper.
-    mask = distance > (int(np.floor(threshold)) if distance.dtype == np.uint8 else threshold)
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
-    if w == 0 or h == 0:
-        return mask, None
-    return mask, (x, y, x + w, y + h)
-
-
-def _full_resolution_box(full: np.ndarray, box, analysis_size: tuple[int, int], background: np.ndarray,
-                         threshold: float) -> tuple[int, int, int, int]:
-    """The object's box in the decoded image: the analysis box scaled up, then found again at the decoded
-    resolution inside it (plus a margin), so where the object sits in the frame does not move the crop."""
-    h, w = full.shape[:2]
-    factor_x, factor_y = w / analysis_size[0], h / analysis_size[1]
-    if factor_x == factor_y == 1.0:
-        return box
-    left, top, right, bottom = box
-    outer = (max(0, int(np.floor((left - 1) * factor_x))), max(0, int(np.floor((top - 1) * factor_y))),
-             min(w, int(np.ceil((right + 1) * factor_x))), min(h, int(np.ceil((bottom + 1) * factor_y))))
-    _, inner = _object_box(full[outer[1] : outer[3], outer[0] : outer[2]], background, threshold)
-    if inner is None:
-        return outer
-    return (outer[0] + inner[0], outer[1] + inner[1], outer[0] + inner[2], outer[1] + inner[3])
 
 
 def _place(crop: Image.Image, size: tuple[int, int], fill) -> Image.Image:
@@ -244,27 +156,28 @@ def _percentile_of_distance(values: np.ndarray, centre: float, q: float, mask: n
     return float(low + (high - low) * (rank - lower))
 
 
-def _levels(crop: np.ndarray, crop_bg, light: bool, target_bg: np.ndarray, mode: str) -> np.ndarray:
-    """Invert a light background, then stretch: the background becomes the model's background, the object's
-    highlights (99.5th percentile of the difference) full scale.  8-bit 'L' crops go through a lookup table
-    computed with the same float32 arithmetic as the per-pixel form (identical output, a fraction of the work)."""
-    if mode == "L":
-        values = np.arange(256, dtype=np.float32)
-        bg = np.float32(crop_bg)
-        # |(255 - v) - (255 - bg)| = |v - bg|: the span is the same whether or not the crop is inverted.
-        span = max(_percentile_of_distance(crop, float(bg), 99.5), 1.0)
-        if light:
-            values, bg = np.float32(255.0) - values, np.float32(255.0) - bg
-        table = np.clip((values - bg) / np.float32(span), 0.0, 1.0) * np.float32(255.0)
-        table = target_bg[0] + table * (np.float32(255.0) - target_bg[0]) / np.float32(255.0)
-        return cv2.LUT(crop, np.clip(np.rint(table), 0, 255).astype(np.uint8))
-    crop = crop.astype(np.float32)
-    if light:
-        crop, crop_bg = 255.0 - crop, 255.0 - crop_bg
-    span = max(float(np.percentile(np.abs(crop - crop_bg), 99.5)), 1.0)
-    levels = np.clip((crop - crop_bg) / span, 0.0, 1.0) * 255.0
-    levels = target_bg + levels * (255.0 - target_bg) / 255.0
-    return np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+def _grey(crop: np.ndarray, surface: np.ndarray, weight: np.ndarray, target_bg: float) -> np.ndarray:
+    """The object as the model sees it in grayscale: each pixel's colour distance from the background
+    (largest channel difference, so a mustard shirt on white is as visible as a navy one), weighted by the
+    object's soft mask (the texture around it goes to the background), stretched so the object's highlights
+    (99.5th percentile) are full scale, over the model's background level."""
+    distance = cv2.absdiff(crop.reshape(surface.shape), surface)
+    if distance.ndim == 3 and distance.shape[2] == 3:
+        c = cv2.split(distance)
+        distance = cv2.max(cv2.max(c[0], c[1]), c[2])
+    distance = distance.reshape(weight.shape)
+    span = max(_percentile_of_distance(distance, 0.0, 99.5, weight > 0.5), 1.0)
+    levels = np.minimum(distance.astype(np.float32) * (weight / np.float32(span)), 1.0) * np.float32(255.0)
+    return np.clip(np.rint(target_bg + levels * np.float32((255.0 - target_bg) / 255.0)), 0, 255).astype(np.uint8)
+
+
+def _colour(crop: np.ndarray, surface: np.ndarray, weight: np.ndarray, light: bool, target_bg: np.ndarray) -> np.ndarray:
+    """An RGB model's view: the crop's difference from the background per channel (inverted on a light
+    background), stretched so the highlights are full scale, weighted by the soft mask, over the model's background."""
+    diff = (surface - crop.astype(np.float32)) if light else (crop.astype(np.float32) - surface)
+    span = max(float(np.percentile(np.abs(diff[weight > 0.5]), 99.5)) if (weight > 0.5).any() else 0.0, 1.0)
+    levels = np.clip(diff / span, 0.0, 1.0) * 255.0 * weight[..., None]
+    return np.clip(np.rint(target_bg + levels * (255.0 - target_bg) / 255.0), 0, 255).astype(np.uint8)
 
 
 def canonicalise(img: Image.Image, params: CanonicalSpec, input_size: tuple[int, int],
@@ -281,26 +194,28 @@ def canonicalise(img: Image.Image, params: CanonicalSpec, input_size: tuple[int,
     height, width = input_size
     full = np.asarray(img)
     arr = _analysis_copy(full, params.analysis_size)
-    bg, noise, ring_distance = estimate_background(arr, params.border)
-    threshold = max(params.tolerance * 255.0, params.noise_factor * noise)
-    mask, box = _object_box(arr, bg, threshold)
-
-    bg_lum = float(_luminance(bg.reshape(1, -1)).item()) if bg.size == 3 else float(bg[0])
+    found = segment.find(arr, params.tolerance, params.noise_factor, params.spread_factor, params.border)
+    bg = found.background
+    bg_lum = float(_LUMA @ bg.colour.astype(np.float32)) if bg.colour.size == 3 else float(bg.colour[0])
     light = bg_lum > params.light_threshold * 255.0
     model_bg = np.asarray(background, dtype=np.float32)
     target_bg = model_bg if img.mode == mode else np.asarray([float(_luminance(model_bg.reshape(1, -1)).item())],
                                                               dtype=np.float32)
     signals = {
-        "border_uniformity": float((ring_distance <= threshold).mean()),
-        "border_noise": noise / 255.0,
+        "border_uniformity": float((bg.ring_distance <= found.threshold).mean()),
+        "border_noise": bg.noise / 255.0,
         "light_background": float(light),
+        "background_spread": bg.spread / 255.0,
+        "background_tones": float(0 if bg.tones is None else len(bg.tones)),
+        "dropped_share": float(found.dropped),
     }
-    if box is None:
-        signals.update(box_fill=0.0, box_area=0.0, box_aspect=0.0, contrast=0.0, touches_edges=0.0)
-        fill = background[0] if mode == "L" else tuple(background)
+    fill = background[0] if mode == "L" else tuple(background)
+    if found.box is None:
+        signals.update(box_fill=0.0, box_area=0.0, box_aspect=0.0, contrast=0.0, touches_edges=0.0, solidity=0.0)
         return Canonical(Image.new(mode, (width, height), fill), _ordered(signals), False)
 
-    left, top, right, bottom = box
+    mask = found.mask
+    left, top, right, bottom = found.box
     sh, sw = mask.shape
     inside = mask[top:bottom, left:right]
     signals.update(
@@ -308,18 +223,41 @@ def canonicalise(img: Image.Image, params: CanonicalSpec, input_size: tuple[int,
         box_area=float(inside.size / mask.size),
         box_aspect=float(np.log((bottom - top) / (right - left))),
         touches_edges=float((left == 0) + (top == 0) + (right == sw) + (bottom == sh)),
+        solidity=segment.solidity(mask),
     )
     lum = arr if arr.ndim == 2 else cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
     signals["contrast"] = _percentile_of_distance(lum, bg_lum, 99.5, mask) / 255.0
+    region = (left / sw, top / sh, right / sw, bottom / sh)
 
-    if img.size == (width, height) and np.all(np.abs(bg - target_bg) <= params.tolerance * 255.0):
+    if img.size == (width, height) and np.all(np.abs(bg.colour - target_bg) <= params.tolerance * 255.0):
         # Already canonical: the model's size on the model's background (Fashion-MNIST itself).
-        return Canonical(img if img.mode == mode else img.convert(mode), _ordered(signals), True)
+        return Canonical(img if img.mode == mode else img.convert(mode), _ordered(signals), True, region)
 
-    crop = np.asarray(img.crop(_full_resolution_box(full, box, (sw, sh), bg, threshold)).convert(mode))
-    leveled = Image.fromarray(_levels(crop, bg_lum if mode == "L" else bg, light, target_bg, mode))
-    fill = background[0] if mode == "L" else tuple(background)
-    return Canonical(_place(leveled, input_size, fill), _ordered(signals), False)
+    w, h = img.size
+    box = (int(np.floor(region[0] * w)), int(np.floor(region[1] * h)), int(np.ceil(region[2] * w)), int(np.ceil(region[3] * h)))
+    crop = full[box[1] : box[3], box[0] : box[2]]
+    # Reduced to at most GREY_SCALE x the model's input before the per-pixel work: the result is resampled to
+    # the input size anyway, and averaging first also averages out a fabric's weave.
+    limit = GREY_SCALE * max(input_size)
+    if max(crop.shape[:2]) > limit:
+        f = limit / max(crop.shape[:2])
+        crop = cv2.resize(crop, (max(1, round(crop.shape[1] * f)), max(1, round(crop.shape[0] * f))),
+                          interpolation=cv2.INTER_AREA)
+    ch, cw = crop.shape[:2]
+    window = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+    surface = bg.surface((ch, cw), window, as_uint8=mode == "L")
+    # The object's mask over the crop, soft at its edge (one analysis pixel), so texture outside it fades out.
+    weight = cv2.resize(mask[top:bottom, left:right].astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
+    if min(sh, sw) >= segment.SMALL:
+        k = max(3, (int(round(cw / max(right - left, 1))) * 2) | 1)
+        weight = cv2.GaussianBlur(weight, (k, k), 0)
+    else:
+        weight = np.ones_like(weight)  # a small image: no region choice, every pixel counts
+    if mode == "L":
+        leveled = Image.fromarray(_grey(crop, surface, weight, float(target_bg[0])))
+    else:
+        leveled = Image.fromarray(_colour(crop, surface, weight, light, target_bg))
+    return Canonical(_place(leveled, input_size, fill), _ordered(signals), False, region)
 
 
 def _ordered(signals: dict[str, float]) -> tuple[float, ...]:

@@ -243,5 +243,9 @@ def attach(explainer: Explainer, slots: list, results: list, class_names, device
         return slots, results
     for (idx, j), explanation in zip(rows, explanations):
         image: ImageResult = results[idx][j]
+        region = slots[idx].regions[j] if j < len(slots[idx].regions) else None
+        # Where the object was found in the upload (shares of the upright image): what canonicalisation cropped.
+        explanation["region"] = None if region is None else dict(zip(("left", "top", "right", "bottom"),
+                                                                    (round(v, 4) for v in region)))
         results[idx][j] = dataclasses.replace(image, explanation=explanation)
     return slots, results

@@ -157,17 +157,24 @@ def image_to_tensor(img: Image.Image, spec: ModelSpec) -> torch.Tensor:
     return image_to_input(img, spec)[0]
 
 
-def bytes_to_input(data: bytes, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Untrusted bytes -> (model input tensor, signals), or a RequestError naming the problem.
-
-    request bytes -> decode (``handler.decode``: limits, the needed scale, upright, 8-bit) -> canonicalise or
-    resize -> tensor; training's photos take this same path (``scripts.train.data.eval_bytes``)."""
+def bytes_to_canonical(data: bytes, spec: ModelSpec) -> Canonical:
+    """Untrusted bytes -> the image the model sees (with its signals and the region it came from), or a
+    RequestError naming the problem: decode (``handler.decode``: limits, the needed scale, upright, 8-bit),
+    then canonicalise or resize."""
     img = decode_image(data, spec.limits, need(spec), spec.background)
     try:
-        return _input(_canonical(img, spec), spec)
+        return _canonical(img, spec)
     except Exception as exc:  # a decodable image Pillow still cannot convert is the client's
         raise InvalidImage(f"The image in mode {img.mode} ({img.size[0]}x{img.size[1]} decoded) could not be "
                            f"converted: {exc}.") from None
+
+
+def bytes_to_input(data: bytes, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Untrusted bytes -> (model input tensor, signals), or a RequestError naming the problem.
+
+    request bytes -> decode -> canonicalise or resize (``bytes_to_canonical``) -> tensor; training's photos
+    take this same path (``scripts.train.data.eval_inputs`` on the JPEG bytes)."""
+    return _input(bytes_to_canonical(data, spec), spec)
 
 
 def bytes_to_tensor(data: bytes, spec: ModelSpec) -> torch.Tensor:
@@ -185,6 +192,9 @@ class Prepared:
     explain: bool  # /explanations: add the per-view breakdown
     v2: dict | None = None  # an Open Inference Protocol request: its id and the outputs asked for
     probe: bool = False  # a readiness probe (PROBE_HEADER): answered, but kept out of the quality metrics
+    # Per image, where in the upright upload the object was found (left, top, right, bottom as shares of its
+    # width and height; None: nothing found, or no canonicalisation): /explanations shows it.
+    regions: tuple = ()
 
 
 DESCRIBE = "describe"  # a request carrying the describe header: answered with the model's description
@@ -203,12 +213,14 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
                                     spec.limits.max_instances, headers)
         else:
             parsed = parse_request(item, headers, spec.class_names, spec.limits.max_instances)
-        tensors, signals = [], []
+        tensors, signals, regions = [], [], []
         for i, data in enumerate(parsed.images):
             try:
-                tensor, signal = bytes_to_input(data, spec)
+                canonical = bytes_to_canonical(data, spec)
+                tensor, signal = _input(canonical, spec)
                 tensors.append(tensor)
                 signals.append(signal)
+                regions.append(canonical.region)
             except RequestError as exc:
                 if parsed.from_json and isinstance(exc, UnsupportedMediaType):  # the JSON body itself was fine
                     exc = InvalidImage(f'"image" holds valid base64, but {exc.message[0].lower()}{exc.message[1:]}')
@@ -221,4 +233,4 @@ def prepare(item, headers: dict[str, str], spec: ModelSpec) -> Prepared | Reques
         exc.v2 = is_v2  # answered in the v2 error shape
         return exc
     return Prepared(tensors, signals, parsed.options, parsed.is_list, headers.get("explain", "").lower() == "true", meta,
-                    probe=headers.get(PROBE_HEADER, "").lower() == "true")
+                    probe=headers.get(PROBE_HEADER, "").lower() == "true", regions=tuple(regions))

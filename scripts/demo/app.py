@@ -4,8 +4,9 @@
     python -m scripts.demo --port 7861 --url http://127.0.0.1:8080 --key-file key_file.json
 
 One image (upload, drag and drop, paste, or an example): the label, the top classes as bars, the
-uncertain and out-of-distribution badges with a sentence each, the canonical image the model saw and
-the Grad-CAM overlay (one ``/explanations`` call), and a switch for test-time augmentation (``X-TTA``).
+uncertain and out-of-distribution badges with a sentence each, the region the garment was found in, the
+canonical image the model saw and the Grad-CAM overlay (one ``/explanations`` call), and a switch for
+test-time augmentation (``X-TTA``).
 Several images: a gallery with one caption each and a table, the requests sent in parallel.
 
 Every call goes through the gateway's public inference API, as any client's would, with the inference
@@ -32,6 +33,7 @@ from scripts.demo.backend import (
     details_markdown,
     error_html,
     label_value,
+    region_image,
 )
 from scripts.ops.tsclient import REPO
 
@@ -94,10 +96,11 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
     import gradio as gr
 
     def single(path: str | None, tta: bool):
-        empty = ("", None, None, None, "", None)
+        empty = ("", None, None, None, None, "", None)
         if not path:
             return empty
-        outcome = backend.classify(_read(path), tta=tta, explain=True, top_k=top_k)
+        data = _read(path)
+        outcome = backend.classify(data, tta=tta, explain=True, top_k=top_k)
         if not outcome.ok:
             return (error_html(outcome.error), *empty[1:])
         answer = outcome.answer
@@ -105,6 +108,7 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
         raw = {k: v for k, v in answer.items() if k != "explanation"}
         raw["explanation"] = {k: v for k, v in explanation.items() if not k.endswith("_png")}
         return (badges_html(answer, backend.confidence_threshold()), label_value(answer),
+                region_image(data, explanation.get("region")),
                 decode_png(explanation.get("input_png")), decode_png(explanation.get("overlay_png")),
                 details_markdown(answer, outcome.notes), raw)
 
@@ -147,8 +151,9 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
                     with gr.Column(scale=1):
                         image = gr.Image(type="filepath", image_mode=None, format="png", sources=["upload", "clipboard"],
                                          label="Image: drop, upload or paste", elem_id="demo-input", height=280)
-                        tta = gr.Checkbox(value=True, label="Test-time augmentation (averages the image and its mirror)",
-                                          elem_id="demo-tta")
+                        tta = gr.Checkbox(value=True, label="Test-time augmentation: when the model is unsure of an "
+                                          "image (its two best classes are close), it also looks at it zoomed in a "
+                                          "little and averages the two answers", elem_id="demo-tta")
                         button = gr.Button("Classify", variant="primary", elem_id="demo-classify")
                         gr.Examples(examples=[[e] for e in examples], inputs=[image], label="Examples (the last ones are not garments)",
                                     examples_per_page=12, elem_id="demo-examples")
@@ -156,6 +161,8 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
                         verdict = gr.HTML(elem_id="demo-verdict-box")
                         bars = gr.Label(num_top_classes=top_k, label="Top classes", elem_id="demo-label")
                         with gr.Row():
+                            found = gr.Image(label="Where the garment was found", elem_id="demo-region",
+                                             format="png", interactive=False, height=240, buttons=["fullscreen"])
                             seen = gr.Image(label="What the model saw", elem_id="demo-canonical",
                                             format="png", interactive=False, height=240, buttons=["fullscreen"])
                             overlay = gr.Image(label="Grad-CAM overlay", elem_id="demo-overlay",
@@ -163,7 +170,7 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
                         details = gr.Markdown(elem_id="demo-details")
                         with gr.Accordion("The API's answer (JSON)", open=False):
                             raw = gr.JSON(elem_id="demo-json")
-                outputs = [verdict, bars, seen, overlay, details, raw]
+                outputs = [verdict, bars, found, seen, overlay, details, raw]
                 image.change(single, [image, tta], outputs)
                 tta.change(single, [image, tta], outputs)
                 button.click(single, [image, tta], outputs)

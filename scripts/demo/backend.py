@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 from scripts.ops.tsclient import REPO, Endpoints, TorchServeClient
 
@@ -256,6 +256,22 @@ def decode_png(b64: str | None, scale_to: int = 224) -> Image.Image | None:
     if max(image.size) < scale_to:
         factor = max(1, scale_to // max(image.size))
         image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    return image
+
+
+def region_image(data: bytes | None, region: dict | None, longest: int = 320) -> Image.Image | None:
+    """The upload as the server saw it (upright) with the region canonicalisation took the garment from drawn
+    on it; None when the upload cannot be shown or no region was found."""
+    if not data or not region:
+        return None
+    try:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    except Exception:  # a format this process cannot show (the server may still have answered it)
+        return None
+    image.thumbnail((longest, longest))
+    w, h = image.size
+    box = [region["left"] * w, region["top"] * h, region["right"] * w, region["bottom"] * h]
+    ImageDraw.Draw(image).rectangle(box, outline=(230, 40, 40), width=max(2, longest // 120))
     return image
 
 

@@ -7,8 +7,12 @@ Sets (nothing is downloaded):
 - ``native``: the held-out split (scripts.train.data.split, seed 0) as PNG, as Fashion-MNIST has it;
 - one set per catalogue style of ``scripts.train.photos`` (``catalogue_white``, ...): the same
   held-out garments rendered as shop photos (seed 0), sent as JPEG;
-- non-garments from ``scripts.evaluate.outliers`` (digits, photos, faces, text, noise, shapes;
-  200 each, seed 0), built from data shipped inside installed packages.
+- one set per kind of phone photo of ``scripts.train.scenes`` (``scene_flat_lay``, ``scene_clutter``,
+  ...): held-out garments in scenes drawn with the **eval** regime's parameters and seed 0 (training
+  uses the train regime's, other seeds and other garments), sent as the JPEGs a phone makes
+  (2000-4032 px for flat lays, plain photos and frame edges; EXIF orientation on a third of flat lays);
+- non-garments from ``scripts.evaluate.outliers`` (digits, photos, faces, text, noise, shapes,
+  MNIST-style 28x28 digits; 200 each, seed 0), built from data shipped inside installed packages.
 
 Per set: accuracy, confidently wrong (wrong and neither uncertain nor out of distribution),
 share flagged out of distribution, share uncertain, and the AUROC of ``ood_score`` against
@@ -25,19 +29,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from handler.inference import Policy, infer
 from handler.loader import read_model
 from handler.postprocess import render
-from handler.preprocess import Prepared, canonical_image, prepare
+from handler.preprocess import Prepared, bytes_to_canonical, prepare
 from scripts.evaluate.http_accuracy import add_server_args, http_answers
 from scripts.evaluate.outliers import NON_GARMENT_SETS, non_garment_sets
 from scripts.ops.tsclient import TorchServeClient
 from scripts.train.data import REPO, load_idx_dir, split
 from scripts.train.ood import auroc
 from scripts.train.photos import STYLES, render_all
+from scripts.train.scenes import KINDS as SCENE_KINDS
+from scripts.train.scenes import render_scenes
 
 DOCS = REPO / "docs"
 
@@ -47,6 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_server_args(p)
     p.add_argument("--per-set", type=int, default=200, help="images per non-garment set")
     p.add_argument("--limit", type=int, default=None, help="use only the first N held-out garments (a quick check)")
+    p.add_argument("--scenes", type=int, default=200, help="held-out garments per kind of phone photo (0: none)")
     p.add_argument("--model-file", type=Path, default=REPO / "models" / "fashion_cnn.pt",
                    help="the model whose spec draws the grid (and that answers with --offline)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -61,7 +68,7 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def build_sets(data: Path, per_set: int, limit: int | None = None) -> dict[str, dict]:
+def build_sets(data: Path, per_set: int, limit: int | None = None, scenes: int = 0) -> dict[str, dict]:
     """{name: {"images": [PIL], "bytes": [bytes], "labels": array or None, "kind": garment|outlier}}."""
     ds = load_idx_dir(data)
     held = split(ds, seed=0).holdout[:limit]
@@ -69,11 +76,28 @@ def build_sets(data: Path, per_set: int, limit: int | None = None) -> dict[str, 
     sets = {"native": {"images": [Image.fromarray(g) for g in garments], "labels": labels, "kind": "native", "fmt": "PNG"}}
     for style in STYLES:
         sets[style] = {"images": render_all(garments, style, seed=0), "labels": labels, "kind": "photo", "fmt": "JPEG"}
+    for kind in SCENE_KINDS if scenes else ():
+        rendered = render_scenes(tqdm(garments[:scenes], desc=f"render {kind}", leave=False), kind, seed=0,
+                                 regime_name="eval")
+        sets[f"scene_{kind}"] = {"bytes": [s.data for s in rendered], "labels": labels[:scenes], "kind": "phone photo",
+                                 "details": [s.detail for s in rendered]}
     for name, images in non_garment_sets(per_set, seed=0).items():
         sets[name] = {"images": images, "labels": None, "kind": "not a garment", "fmt": "PNG"}
     for entry in sets.values():
-        entry["bytes"] = [encode(img, entry["fmt"]) for img in entry["images"]]
+        if "bytes" not in entry:
+            entry["bytes"] = [encode(img, entry["fmt"]) for img in entry["images"]]
     return sets
+
+
+def thumbnail(entry: dict, i: int, side: int = 240) -> Image.Image:
+    """Image ``i`` of a set as it is shown in the grid (scenes are decoded upright from their JPEG)."""
+    if "images" in entry:
+        return entry["images"][i]
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(entry["bytes"][i])))
+    img.draft("RGB", (side, side))
+    img = img.convert("RGB")
+    img.thumbnail((side, side))
+    return img
 
 
 class Offline:
@@ -110,7 +134,7 @@ def summarise(answers: list[dict], labels, native_scores: list[float] | None) ->
 
 
 def grid(sets: dict, answers: dict, spec, path: Path, per_set: int = 2) -> None:
-    """Rows of (input, canonical 28x28 the model saw, answer), a few per set."""
+    """Rows of (input with the region the object was found in, canonical 28x28 the model saw, answer), a few per set."""
     cell, text_w = 120, 230
     rows = [(name, i) for name in sets for i in range(per_set)]
     cols = 2
@@ -118,11 +142,17 @@ def grid(sets: dict, answers: dict, spec, path: Path, per_set: int = 2) -> None:
     draw = ImageDraw.Draw(sheet)
     for k, (name, i) in enumerate(rows):
         x0, y0 = (k % cols) * (2 * cell + text_w + 20), (k // cols) * (cell + 8)
-        img = sets[name]["images"][i].convert("RGB")
+        img = thumbnail(sets[name], i).convert("RGB")
         scale = min(cell / img.width, cell / img.height)
         shown = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        canonical = bytes_to_canonical(sets[name]["bytes"][i], spec)
+        if canonical.region is not None:  # where canonicalisation found the object
+            left, top, right, bottom = canonical.region
+            x0, y0 = left * shown.width, top * shown.height
+            ImageDraw.Draw(shown).rectangle([x0, y0, max(x0, right * shown.width - 1), max(y0, bottom * shown.height - 1)],
+                                            outline=(230, 40, 40), width=2)
         sheet.paste(shown, (x0 + (cell - shown.width) // 2, y0 + (cell - shown.height) // 2))
-        seen = canonical_image(sets[name]["images"][i], spec).image.convert("RGB").resize((cell, cell), Image.NEAREST)
+        seen = canonical.image.convert("RGB").resize((cell, cell), Image.NEAREST)
         sheet.paste(seen, (x0 + cell + 4, y0))
         a = answers[name][i]
         truth = sets[name]["labels"]
@@ -150,7 +180,7 @@ def markdown(results: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
-    sets = build_sets(args.data, args.per_set, args.limit)
+    sets = build_sets(args.data, args.per_set, args.limit, args.scenes)
     offline = Offline(args.model_file) if args.offline else None
     client = None if offline is not None else TorchServeClient.from_config(args.config)
     answers = {}
@@ -174,6 +204,10 @@ def main(args: argparse.Namespace) -> dict:
         "native_flagged_ood": results["sets"]["native"]["flagged_ood"],
         "non_garment_flagged_ood": float(np.mean([r["flagged_ood"] for r in outliers])),
     }
+    for name, row in results["sets"].items():
+        if row["kind"] == "phone photo":
+            results["summary"][f"{name}_accuracy"] = row["accuracy"]
+            results["summary"][f"{name}_confidently_wrong"] = row["confidently_wrong"]
     width = max(map(len, sets))
     for name, row in results["sets"].items():
         shown = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))

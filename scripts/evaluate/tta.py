@@ -134,7 +134,7 @@ def build_sets(args: argparse.Namespace, spec: ModelSpec) -> tuple[dict, dict]:
         images, labels = dataset.images[idx], torch.from_numpy(dataset.labels[idx])
         sets[name] = (eval_tensors(images, spec), labels)
         photos = [photo for style in tqdm(STYLES, desc=f"rendering {name} photos", unit="style")
-                  for photo in render_all(images, style, args.seed)]
+                  for photo in render_all(images, style, args.seed, as_bytes=True)]  # the JPEGs, decoded as uploads
         sets[f"{name}_photos"] = (eval_tensors(photos, spec), labels.repeat(len(STYLES)))
     return sets, sizes
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from handler import golden
+from handler.canonical import SIGNALS
 from handler.inference import Policy, classify
 from handler.loader import GOLDEN_FILENAME, QUANTIZATION_FILENAME, int8_path, read_extra_file
 from handler.ood import OOD_FILENAME, OODSpec
@@ -68,10 +69,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=REPO / "build" / "train" / "checkpoint.pt")
     p.add_argument("--out", type=Path, default=REPO / "models" / "fashion_cnn.pt")
     p.add_argument("--name", default="fashion_cnn")
-    # The shipped TTA policy and gate come from `python -m scripts.evaluate.tta` (docs/tta.md): identity,shift(1,0),
-    # shift(-1,0) is the one policy that gains on native and photographed garments, calibration and held-out, and a
-    # margin gate of 0.4 gives 9 % of images the extra views at full TTA's accuracy (within 0.2 points).
-    p.add_argument("--tta", default="identity,shift(1,0),shift(-1,0)",
+    # The shipped TTA policy: identity + zoom(0.9), for images whose identity answer's top-1 minus top-2 margin is
+    # under 0.4. Measured on the model trained with phone scenes (held-out, gated, against TTA off): native -0.15,
+    # catalogue photos +0.51, phone scenes +0.25 points; the shift(+-1,0) pair chosen for the previous model
+    # (docs/tta.md) now costs 0.43 points on native garments. All within about one image in 200.
+    p.add_argument("--tta", default="identity,zoom(0.9)",
                    help="comma-separated TTA views ('spec': the checkpoint's), e.g. identity,hflip")
     p.add_argument("--merge", default="mean_prob", choices=("mean_prob", "mean_logit"))
     p.add_argument("--tta-gate", default="margin:0.4",
@@ -229,14 +231,20 @@ def fit_ood(model, spec: ModelSpec, ckpt: dict, false_alarm_rate: float,
     rng = np.random.default_rng(seed)
     train_images, train_labels = ckpt["train"]
     photos = photographed_once(train_images, rng)
-    outliers = ood.synthetic_outliers(train_images, rng, render_photo_bytes, STYLES)
+    # Half the outliers photographed as training photographs garments (catalogue photos and phone scenes), so
+    # neither a backdrop nor a wooden floor says "garment": the detector has to look at the content.
+    outliers = ood.synthetic_outliers(train_images, rng, lambda pattern, _style, r: training_photo(pattern, r), STYLES)
     sets, inputs = {}, {}
     for name, images in (("native", train_images), ("photos", photos), ("outliers", outliers)):
         x, signals = eval_inputs(images, spec)
         inputs[name] = x
         sets[name] = (*features_of(model, x), signals)
-    inside = tuple(torch.cat([a, b]) for a, b in zip(sets["native"], sets["photos"]))
-    labels = torch.from_numpy(np.concatenate([train_labels, train_labels]))
+    # A photo in which canonicalisation found no object is not a garment as the model sees it (an empty canvas):
+    # it is left out of the in-distribution side, so "nothing found" never counts as looking like a garment.
+    found = sets["photos"][2][:, SIGNALS.index("box_area")] > 0
+    photos_in = tuple(part[found] for part in sets["photos"])
+    inside = tuple(torch.cat([a, b]) for a, b in zip(sets["native"], photos_in))
+    labels = torch.from_numpy(np.concatenate([train_labels, train_labels[found.numpy()]]))
     widths = tuple(ckpt["model_args"].get("widths", (32, 64, 128)))
     layers = ood.fit_layers(inside[1], labels, ood.layer_slices(widths, 128), spec.num_classes)
     detector = ood.fit_detector(spec.temperature, layers, inside, sets["outliers"])

@@ -246,8 +246,13 @@ def garment_layer(garment: np.ndarray, side: int, colour: np.ndarray, rng: np.ra
     alpha = np.maximum(np.clip((g - 0.08) / 0.22, 0.0, 1.0), body)
     # Shading from the intensities, saturated early so the fall-off at the edge is not painted as a pale rim.
     g = np.clip(g / 0.7, 0.0, 1.0)
-    pale = colour + (255.0 - colour) * rng.uniform(0.35, 0.6)  # the faint parts: a lighter tint of the fabric
-    rgb = pale[None, None, :] * (1.0 - g[..., None]) + colour[None, None, :] * g[..., None]
+    # Fashion-MNIST's intensity is a product photo's darkness: its faint parts are the fabric's lightest tint, its
+    # bright parts the fabric in shade. A light fabric's shaded parts are darker than its colour (a white shirt's
+    # folds and seams are grey), a dark fabric's about its colour.
+    lum = float(colour @ np.asarray([0.299, 0.587, 0.114]))
+    pale = colour + (255.0 - colour) * rng.uniform(0.35, 0.6)  # the lightest tint of the fabric
+    deep = colour * (1.0 - rng.uniform(0.3, 0.45) * lum / 255.0)  # the fabric in shade
+    rgb = pale[None, None, :] * (1.0 - g[..., None]) + deep[None, None, :] * g[..., None]
     rgb = rgb * (1.0 + 0.03 * smooth_noise(side, side, max(1.5, side / 150), rng))[..., None]
     if angle:
         rgba = np.dstack([np.clip(rgb, 0, 255), alpha * 255.0]).astype(np.uint8)

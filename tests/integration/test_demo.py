@@ -165,7 +165,8 @@ def test_an_uploaded_example_gets_the_apis_label_bars_and_explanation(browser, d
     assert abs(float(bars[0].get_attribute("value")) - expected["confidence"]) < 1e-3
     badge = "demo-badge-ood" if expected["out_of_distribution"] else "demo-badge-uncertain" if expected["uncertain"] else "demo-badge-confident"
     wait_for(browser, f"#demo-verdict .{badge}")
-    for box in ("#demo-canonical", "#demo-overlay"):  # the canonical input and the Grad-CAM overlay, from /explanations
+    # The region the garment was found in, the canonical input and the Grad-CAM overlay, from /explanations.
+    for box in ("#demo-region", "#demo-canonical", "#demo-overlay"):
         src = wait_for(browser, f"{box} img").get_attribute("src")
         assert requests.get(src, timeout=10).content[:8] == b"\x89PNG\r\n\x1a\n"
     wait_for(browser, "#demo-details", text="grad-cam")

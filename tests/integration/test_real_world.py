@@ -15,14 +15,16 @@ from scripts.train.data import REPO
 
 def test_the_real_world_evaluation_runs_through_http_and_flags_non_garments(server, tmp_path):
     args = real_world.get_args_parser().parse_args([
-        "--config", str(server.config), "--limit", "40", "--per-set", "12", "--json", str(tmp_path / "r.json"),
+        "--config", str(server.config), "--limit", "40", "--per-set", "12", "--scenes", "4", "--json", str(tmp_path / "r.json"),
         "--markdown", str(tmp_path / "r.md"), "--grid", str(tmp_path / "grid.png"),
     ])
     results = real_world.main(args)
     rows = results["sets"]
     assert rows["native"]["accuracy"] >= 0.8 and rows["catalogue_white"]["accuracy"] >= 0.7
-    for name in ("digits", "photos", "faces", "text", "noise", "shapes"):
+    for name in ("digits", "photos", "faces", "text", "noise", "shapes", "mnist_digits"):
         assert rows[name]["flagged_ood"] >= 0.75, (name, rows[name])
+    assert {f"scene_{k}" for k in ("flat_lay", "clutter", "hanger", "coloured", "light_on_light", "shadow", "edge")} <= set(rows)
+    assert all(rows[f"scene_{k}"]["n"] == 4 for k in ("flat_lay", "plain"))
     assert rows["native"]["flagged_ood"] <= 0.1
     assert (tmp_path / "grid.png").stat().st_size > 10_000 and "| native |" in (tmp_path / "r.md").read_text()
     # Every out-of-distribution answer was counted on the metrics endpoint.
