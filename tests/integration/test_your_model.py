@@ -121,10 +121,13 @@ def test_make_status_and_metrics_name_the_model(served):
 def test_the_alerts_are_regenerated_from_its_reference(served):
     out = served["root"] / "run" / "monitoring"
     rules = (out / "alerting_rules.yml").read_text()
+    recorded = (out / "recording_rules.yml").read_text()
     source = alerts.load_source(REPO / "model_store" / f"{NAME}.mar")
     derived = alerts.derive(source, alerts.Policy())
-    assert source.model == NAME and f'ModelName="{NAME}"' in rules
+    assert source.model == NAME and f'ModelName="{NAME}"' in recorded and "fashion_cnn" not in recorded
+    # the thresholds are the digits reference's, not fashion_cnn's
     assert alerts.num(derived.ood_max) in rules and alerts.num(derived.uncertain_max) in rules
+    assert alerts.num(derived.ood_max) not in (REPO / "deploy" / "monitoring" / "alerting_rules.yml").read_text()
     scrape = (out / "prometheus.yml").read_text()
     assert f"127.0.0.1:{served['ports'][2]}" in scrape  # the gateway's metrics port it serves on
     if PROMTOOL is None:
