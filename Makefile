@@ -1,5 +1,8 @@
 # make serve   install what is missing, build the .mar, start the gateway (nginx) in front of
-#              TorchServe, wait until a prediction answers; make serve REPLICAS=N for N replicas
+#              TorchServe, wait until a prediction answers; make serve REPLICAS=N for N replicas;
+#              make serve MAR=model_store/NAME.mar serves another archive (make archive) as model NAME
+# make archive MODEL=path.pt DATA=dir/ NAME=mynet [SPEC=spec.json]: your own classifier, doctored, calibrated,
+#              OOD-fitted and golden-checked, into model_store/NAME.mar (report in build/NAME/; docs/your-model.md)
 # make status  every replica, its workers, and whether a prediction can be served now
 # make stop    stop the gateway and every replica started from this folder
 # make demo    the browser demo on http://127.0.0.1:7860 (Gradio) in front of the running service
@@ -9,22 +12,25 @@ SHELL   := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-MAR     := model_store/fashion_cnn.mar
+DEFAULT_MAR := model_store/fashion_cnn.mar
+MAR     := $(DEFAULT_MAR)
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads doctor lint clean
+.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads doctor archive lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 
-mar: $(MAR)
+mar: $(DEFAULT_MAR)
 # The int8 variant (scripts/train/export.py writes it) travels in the archive when it exists.
-$(MAR): $(STAMP) models/fashion_cnn.pt $(wildcard models/fashion_cnn.int8.pt) $(HANDLER)
+$(DEFAULT_MAR): $(STAMP) models/fashion_cnn.pt $(wildcard models/fashion_cnn.int8.pt) $(HANDLER)
 	$(PY) -m scripts.deploy.package
 
-serve: $(MAR)
-	$(PY) -m scripts.deploy.serve start $(if $(REPLICAS),--replicas $(REPLICAS))
+# MAR=model_store/NAME.mar: serve that archive (make archive writes it) instead of the shipped model
+serve: $(STAMP) $(if $(filter $(DEFAULT_MAR),$(MAR)),$(DEFAULT_MAR))
+	$(PY) -m scripts.deploy.serve start $(if $(REPLICAS),--replicas $(REPLICAS)) \
+		$(if $(filter-out $(DEFAULT_MAR),$(MAR)),--mar $(MAR))
 
 stop: $(STAMP)
 	$(PY) -m scripts.deploy.serve stop
@@ -68,17 +74,17 @@ eval-real: $(STAMP)
 		--grid docs/real_world_grid.png $(EVAL_ARGS)
 
 # Benchmarks (results: docs/benchmarks.md). Installs `hey` from Debian if missing.
-bench: $(STAMP) $(MAR)
+bench: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench $(BENCH_ARGS)
 	$(PY) -m scripts.bench.protocols
 	$(PY) -m scripts.bench.uploads
 
 # REST v2 binary and gRPC (the standard clients' protocols) vs /predictions at concurrency 16: its section of docs/benchmarks.md
-bench-protocols: $(STAMP) $(MAR)
+bench-protocols: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.protocols $(PROTOCOLS_ARGS)
 
 # Uploads (28x28 to 12 MP JPEG, HEIC, AVIF): in-process against each file's decode floor, and through the front door
-bench-uploads: $(STAMP) $(MAR)
+bench-uploads: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.uploads $(UPLOADS_ARGS)
 
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
@@ -91,6 +97,14 @@ doctor: $(STAMP)
 	$(PY) -m scripts.diagnose.doctor --model $(or $(MODEL),models/fashion_cnn.pt) $(if $(SPEC),--spec $(SPEC)) \
 		$(if $(DATA),--data $(DATA)) $(DOCTOR_ARGS)
 
+# Bring your own classifier (docs/your-model.md): the doctor, a proposed spec when SPEC is not given, calibration,
+# an out-of-distribution detector, golden inputs, a report in build/NAME/ and model_store/NAME.mar;
+# ARCHIVE_ARGS="--ood-data other/ --test-share 0.5 ..." (python -m scripts.byo.archive --help)
+archive: $(STAMP)
+	@if [ -z "$(MODEL)" ] || [ -z "$(DATA)" ] || [ -z "$(NAME)" ]; then \
+		echo "usage: make archive MODEL=path.pt DATA=dir/ NAME=mynet [SPEC=spec.json] [ARCHIVE_ARGS=...]" >&2; exit 2; fi
+	$(PY) -m scripts.byo.archive --model $(MODEL) --data $(DATA) --name $(NAME) $(if $(SPEC),--spec $(SPEC)) $(ARCHIVE_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check handler scripts tests
 
@@ -98,5 +112,5 @@ clean:
 	rm -rf build model_store/*.mar logs
 
 # The gateway's overhead and 1 vs 2 replicas at concurrency 16: the gateway section of docs/benchmarks.md
-bench-gateway: $(STAMP) $(MAR)
+bench-gateway: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.gateway $(BENCH_ARGS)

@@ -78,11 +78,13 @@ def classify(model: torch.jit.ScriptModule | torch.nn.Module, x: torch.Tensor, u
     ``use_tta`` (N,) bool: the images that may get the extra views (those the policy's gate
     lets through); ``force`` (N,) bool: the images that get them whatever the gate.
     ``signals`` (N, S) are the raw-image signals from canonicalisation; the out-of-distribution
-    score is computed when the detector has what it needs (the features detector needs them).
+    score is computed when the detector has what it needs (the features detector needs them when
+    its combination reads them: a model served without canonicalisation has none and needs none).
     """
     n = x.shape[0]
     detector = policy.detector
-    features = detector is not None and detector.needs_features and signals is not None
+    features = (detector is not None and detector.needs_features
+                and (signals is not None or not detector.needs_signals))
     base, embedding = forward(model, x, features)
     probs = torch.softmax(base / policy.temperature, dim=-1)
     n_views = torch.ones(n, dtype=torch.long, device=base.device)

@@ -101,14 +101,21 @@ class Detector:
     def needs_features(self) -> bool:
         return self.spec.method == "features"
 
+    @property
+    def needs_signals(self) -> bool:
+        """Whether the combination reads canonicalisation's raw-image signals (a model served without
+        ``spec.canonical`` has none; its detector combines the other parts only)."""
+        return any(name in SIGNALS for name in self.inputs)
+
     def parts(self, logits: torch.Tensor, embedding: torch.Tensor | None, signals: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Each named part of the score, per image: (N,) tensors."""
         out = {"energy": energy(logits.float(), self.temperature)}
         if self.needs_features:
             for layer in self.layers:
                 out[f"mahalanobis_{layer.name}"] = torch.log1p(layer.distance(embedding.float()))
-            for i, name in enumerate(SIGNALS):
-                out[name] = signals[:, i]
+            if signals is not None:
+                for i, name in enumerate(SIGNALS):
+                    out[name] = signals[:, i]
         return out
 
     def score(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

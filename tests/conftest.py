@@ -146,3 +146,16 @@ def holdout():
 def served_model_path() -> Path:
     return REPO / "models" / "fashion_cnn.pt"
 
+
+
+@pytest.fixture(scope="session")
+def digits_task(tmp_path_factory) -> Path:
+    """The second task (scripts/byo/digits.py), trained here once per session: a CNN on scikit-learn's
+    handwritten digits (a few seconds), its labelled folder data/<digit>/ (the digits it did not train on),
+    true_spec.json, and other domains' images in other/ (Fashion-MNIST garments when the shared subset is
+    present, photos shipped with scikit-image and scikit-learn)."""
+    from scripts.byo import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    digits.main(digits.get_args_parser().parse_args(["--out", str(out), "--other", "200"]))
+    return out

@@ -1,11 +1,15 @@
 """Start, stop and inspect the serving stack: the nginx gateway in front of N TorchServe replicas.
 
     python -m scripts.deploy.serve start [--replicas N]   # in the background; waits until a prediction answers
+    python -m scripts.deploy.serve start --mar model_store/mynet.mar   # another archive (make archive), as model mynet
     python -m scripts.deploy.serve run   [--replicas N]   # in the foreground (the container's entry point)
     python -m scripts.deploy.serve status                 # every replica, its workers, and readiness
     python -m scripts.deploy.serve stop
 
-Used by ``make serve [REPLICAS=N]``, ``make status`` and ``make stop``. The public
+Used by ``make serve [REPLICAS=N] [MAR=model_store/NAME.mar]``, ``make status`` and ``make stop``. With ``--mar``
+the stack serves that archive instead of config.properties' ``load_models`` (the model's name is the archive's,
+``NAME``), and the Prometheus rules, dashboard and scrape config are generated from *its* reference
+(``scripts.ops.alerts``) into ``<run dir>/monitoring/`` (the shipped model's are deploy/monitoring/). The public
 addresses are config.properties' (127.0.0.1:8080 inference, :8081 management, :8082
 metrics, and 127.0.0.1:7070 for KServe's gRPC service, grpc_inference_address/port); the
 replicas run on free loopback ports behind the gateway. Environment:
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -58,7 +63,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bodies of 1 MB to 4 MB (phone photos) in flight at once; more get 503 + Retry-After")
     p.add_argument("--access-log", choices=("file", "stdout"), default=env("GATEWAY_ACCESS_LOG", "file"),
                    help="the gateway's JSON access log: logs/gateway_access.log (rotated) or stdout (env GATEWAY_ACCESS_LOG)")
-    p.add_argument("--model", default="fashion_cnn")
+    p.add_argument("--mar", type=Path, default=None,
+                   help="serve this archive (e.g. model_store/mynet.mar, written by make archive) as its model name "
+                        "instead of config.properties' load_models")
+    p.add_argument("--model", default=None,
+                   help="the model to probe and report (default: the --mar archive's, else the running stack's, "
+                        "else fashion_cnn)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the first answer")
     return p
 
@@ -104,12 +114,41 @@ def busy(addresses: dict[str, str]) -> list[str]:
     return taken
 
 
+def archive_model_name(mar: Path) -> str:
+    """The model name inside a .mar (MAR-INF/MANIFEST.json), which TorchServe serves it as."""
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            return json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise SystemExit(f"error: {mar} is not a model archive ({exc}); make one with "
+                         "`make archive MODEL=path.pt DATA=dir/ NAME=mynet`") from None
+
+
+def resolve_model(args) -> None:
+    """``args.model`` from ``--mar`` (its manifest), else from the running stack, else fashion_cnn."""
+    if args.mar is not None:
+        if not args.mar.is_file():
+            raise SystemExit(f"error: {args.mar} does not exist: make it with "
+                             "`make archive MODEL=path.pt DATA=dir/ NAME=mynet` (it writes model_store/NAME.mar)")
+        name = archive_model_name(args.mar)
+        if args.model not in (None, name):
+            raise SystemExit(f"error: {args.mar} serves model {name!r}, not {args.model!r}")
+        args.model = name
+    elif args.model is None:
+        args.model = state(args).get("model") or "fashion_cnn"
+
+
 def stack_options(args) -> StackOptions:
     props = read_properties(args.config)
     store = Path(props.get("model_store", "model_store"))
+    store = (store if store.is_absolute() else args.config.parent / store).resolve()
+    overrides = {}
+    if args.mar is not None:  # that archive alone, from its own folder (the model store when it is there)
+        store = args.mar.resolve().parent
+        overrides["load_models"] = args.mar.name
     addr = public_addresses(args)
     return StackOptions(run_dir=args.run_dir.resolve(), log_dir=args.log_dir.resolve(), key_file=args.key_file.resolve(),
-                        model_store=(store if store.is_absolute() else args.config.parent / store).resolve(),
+                        model_store=store, replica_overrides=overrides,
                         model=args.model, replicas=args.replicas, public_inference=addr["inference"],
                         public_management=addr["management"], public_metrics=addr["metrics"], public_grpc=addr["grpc"],
                         max_body=int(props.get("max_request_size", 10 * 2**20)), large_bodies=args.large_bodies,
@@ -150,7 +189,7 @@ def how_to_call(args, answer: dict) -> str:
     shown = key_file.relative_to(Path.cwd()) if key_file.is_relative_to(Path.cwd()) else key_file
     return f"""
 Serving '{args.model}' through the gateway with {args.replicas} TorchServe replica(s)
-  (example: {EXAMPLE.name} -> {answer['label']}, confidence {answer['confidence']:.3f})
+  (example: {EXAMPLE.name} -> {answer['label']}, confidence {answer['confidence']:.3f}{', out of distribution' if answer.get('out_of_distribution') else ''})
 
   inference   {ep.inference}/predictions/{args.model}      readiness: {ep.inference}/ping
   management  {ep.management}/models/{args.model}          (management key; /replicas lists the replicas)
@@ -168,9 +207,30 @@ Status: make status     Stop: make stop
 """
 
 
+def monitoring(args) -> Path | None:
+    """Prometheus config, rules and dashboard for the --mar archive, from its own reference (scripts.ops.alerts)."""
+    if args.mar is None:
+        return None
+    from scripts.ops import alerts
+
+    out = args.run_dir / "monitoring"
+    gen = alerts.get_args_parser().parse_args(["--model", str(args.mar), "--out", str(out), "--config", str(args.config),
+                                               "--target", public_addresses(args)["metrics"].replace("0.0.0.0", "127.0.0.1")])
+    for path, text in alerts.generate(gen).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return out
+
+
 def start(args) -> int:
     client = public_client(args)
-    answer = answers(client, args.model) if running_pid(args) else None
+    running = running_pid(args)
+    served = state(args).get("model")
+    if running and served and served != args.model:
+        print(f"error: the stack started from here serves {served!r}, not {args.model!r}: stop it first (make stop)",
+              file=sys.stderr)
+        return 1
+    answer = answers(client, args.model) if running else None
     if answer:
         print(how_to_call(args, answer))
         return 0
@@ -186,7 +246,10 @@ def start(args) -> int:
            "--key-file", str(args.key_file), "--large-bodies", str(args.large_bodies),
            "--photo-bodies", str(args.photo_bodies), "--access-log", args.access_log, "--model", args.model,
            "--timeout", str(args.timeout)] + (["--host", args.host] if args.host else []) + \
-          (["--ports", args.ports] if args.ports else [])
+          (["--ports", args.ports] if args.ports else []) + (["--mar", str(args.mar)] if args.mar else [])
+    rules = monitoring(args)
+    if rules is not None:
+        print(f"alerts for {args.model}: {rules} (Prometheus config, rules and dashboard from its reference)")
     print(f"starting the gateway and {args.replicas} TorchServe replica(s); log: {log_path}")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -212,8 +275,8 @@ def start(args) -> int:
 
 
 def missing_archives(args, opts: StackOptions) -> list[str]:
-    """Archives config.properties' load_models names that the model store does not hold."""
-    names = read_properties(args.config).get("load_models", "")
+    """Archives config.properties' load_models names (or --mar) that the model store does not hold."""
+    names = opts.replica_overrides.get("load_models") or read_properties(args.config).get("load_models", "")
     return [str(opts.model_store / n.strip()) for n in names.split(",")
             if n.strip() and n.strip() != "all" and not (opts.model_store / n.strip()).exists()]
 
@@ -328,6 +391,7 @@ def status(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    resolve_model(args)
     return {"start": start, "run": run, "stop": stop, "status": status}[args.action](args)
 
 

@@ -297,7 +297,7 @@ class Stack:
         os.replace(replicas.with_name("replicas.json.new"), replicas)  # readers never see half a file
         path = self.opts.run_dir / "state.json"
         write_private(path.with_name("state.json.new"),
-                      json.dumps({**state, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
+                      json.dumps({**state, "model": self.opts.model, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
                                   "grpc_pid": self.grpc.pid() if self.grpc else None,
                                   "hop_pids": [hop.pid() for hop in self.hops.values()]}, indent=2))
         os.replace(path.with_name("state.json.new"), path)

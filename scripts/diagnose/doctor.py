@@ -51,7 +51,7 @@ from handler.tta import background_fill
 from scripts.train.data import DEFAULT_DATA, REPO, load_dataset, split
 
 CLEARLY_BETTER = 0.05  # an alternative input convention this much more accurate than the spec's is the model's
-PROBE_SIZES = (28, 32, 48, 64, 96, 112, 128, 160, 224, 256, 299)
+PROBE_SIZES = (8, 16, 28, 32, 48, 64, 96, 112, 128, 160, 224, 256, 299)
 
 
 @dataclass
