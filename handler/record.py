@@ -6,7 +6,7 @@ store that is slow or down never slows or fails a prediction. The lines of a bat
 with one ``write()`` before ``handle()`` returns, so an answer a client received is in the spool
 (the page cache: it survives ``kill -9`` of the worker or the frontend) before it left the worker.
 
-Configured by the serving stack, never by the archive: the environment variable ``SERVE_RECORD``
+Configured by the serving stack, never by the archive: the environment variable ``SERVE_RECORD_SETTINGS``
 names a JSON file ``{"spool": dir, "max_spool_bytes": n, "review_share": 0.05, "keep_uploads": false,
 "max_upload_bytes": n}``; without it (a TorchServe started by hand, the unit tests' default) nothing
 is recorded. Each worker writes its own segments ``<spool>/<host>-<pid>-<start>-<seq>.jsonl``, a
@@ -43,7 +43,7 @@ from handler.request import header_options, normalise_headers, parse_request
 
 logger = logging.getLogger(__name__)
 
-RECORD_ENV = "SERVE_RECORD"
+RECORD_ENV = "SERVE_RECORD_SETTINGS"
 FORMAT = 1
 NOT_A_GARMENT = "not a garment"  # the label a person gives an input that is no garment (any model: "not a <thing>")
 FLAGS = ("confident", "uncertain", "out_of_distribution")  # the strata answers are reported by
