@@ -115,3 +115,97 @@ def load_reference(path: Path) -> dict:
 def reference_shares(reference: dict) -> dict[str, float]:
     """p_s per tested flag (a flag with no held-out answer has no reference and is not tested)."""
     return {f: reference["by_flag"][f]["accuracy"] for f in TESTED if reference["by_flag"].get(f, {}).get("accuracy") is not None}
+
+
+# --- ctl feedback -----------------------------------------------------------------------------------------------------
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _interval(values) -> str:
+    return "-" if not values else f"{100 * values[0]:.1f}-{100 * values[1]:.1f} %"
+
+
+def report(summary: dict, reference: dict | None) -> dict:
+    """The summary with, per version, the held-out reference per flag and the test's verdict."""
+    shares = reference_shares(reference) if reference else {}
+    out = {"model": summary["model"], "disputes": summary.get("disputes", 0), "reference": reference, "versions": {}}
+    for version, v in summary["versions"].items():
+        verdict = test(counts_by_flag(v), shares) if shares else {"verdict": "NO REFERENCE"}
+        out["versions"][version] = {**v, "test": verdict}
+    return out
+
+
+def render(rep: dict) -> str:
+    ref = rep.get("reference") or {}
+    flags = ref.get("by_flag", {})
+    lines = []
+    if ref:
+        lines.append(f"held-out reference: {ref.get('model')} ({ref.get('precision')}) on the {ref.get('n')}-image "
+                     f"{ref.get('split')} split of {ref.get('data')}: {_pct(ref.get('accuracy'))} overall")
+    for version, v in rep["versions"].items():
+        lines.append(f"{rep['model']} {version}: {v['labelled']} labelled, {v['correct']} right: {_pct(v['accuracy'])} "
+                     f"(95 % interval {_interval(v['interval'])}); {v.get('recorded', 0)} answers recorded")
+        lines.append(f"  {'flag of the answer':<22}{'labelled':>9}{'right':>7}{'accuracy':>10}  {'95 % interval':<15}"
+                     f"{'held-out':>9}")
+        for name, f in v["by_flag"].items():
+            held = flags.get(name, {}).get("accuracy")
+            note = "" if name in TESTED else "  (reported apart, not tested)"
+            lines.append(f"  {name:<22}{f['labelled']:>9}{f['correct']:>7}{_pct(f['accuracy']):>10}  "
+                         f"{_interval(f['interval']):<15}{_pct(held):>9}{note}")
+        t = v["test"]
+        if t["verdict"] == "NO REFERENCE":
+            lines.append("  test: no held-out reference (give --reference)")
+        else:
+            lines.append(f"  test (confident + uncertain, each flag against its held-out accuracy): {t['labelled']:g} "
+                         f"labelled, {t['correct']:g} right, {t['expected_correct']:g} expected (z = {t['z']:.2f}; "
+                         f"BELOW from {t['z_alert']:g}, with >= {t['min_expected_errors']:g} expected errors: "
+                         f"{t['expected_errors']:g}) -> {t['verdict']}")
+        labels = ", ".join(f"{name} {f['correct']}/{f['labelled']}" for name, f in v["by_label"].items())
+        lines.append(f"  by the label given: {labels or 'none yet'}")
+    lines.append(f"disputes (a later label refused because it disagreed with the first): {rep['disputes']}")
+    return "\n".join(lines)
+
+
+# --- ctl export-labelled ------------------------------------------------------------------------------------------
+CLASSES_FILE = "classes.json"
+
+
+def folder_name(index: int, name: str, width: int) -> str:
+    """``00_T-shirt-top``: sorted folder names keep the class order; nothing a file system refuses."""
+    safe = "".join(c if c.isalnum() or c in " ._-" else "-" for c in name).strip(" .") or "class"
+    return f"{index:0{width}d}_{safe}"
+
+
+def export_tree(items: list[dict], classes: list[str], out: Path, include_disputed: bool = False) -> dict:
+    """Write labelled answers as ``out/<NN_class>/<request id>-<index>.png`` (the canonical input the model saw),
+    ``classes.json`` (folder -> class name, in the model's order) and ``labels.jsonl``. "not a garment" and, unless
+    asked, disputed labels are left out (counted)."""
+    import base64
+
+    width = len(str(max(len(classes) - 1, 0)))
+    folders = {name: folder_name(i, name, width) for i, name in enumerate(classes)}
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in folders.values():
+        (out / folder).mkdir(exist_ok=True)
+    counts = {"written": 0, "not_a_garment": 0, "disputed": 0, "unknown_class": 0}
+    with open(out / "labels.jsonl", "w") as meta:
+        for it in items:
+            if it["disputed"] and not include_disputed:
+                counts["disputed"] += 1
+                continue
+            if it["class_index"] is None:
+                counts["not_a_garment"] += 1
+                continue
+            if it["label"] not in folders:
+                counts["unknown_class"] += 1
+                continue
+            rid = "".join(c if c.isalnum() or c in "._-" else "_" for c in it["request_id"])[:100]
+            path = out / folders[it["label"]] / f"{rid}-{it['index']}.png"
+            path.write_bytes(base64.b64decode(it["input_png"]))
+            meta.write(json.dumps({"file": str(path.relative_to(out)), **{k: it[k] for k in (
+                "request_id", "index", "label", "predicted", "flag", "version", "disputed")}}) + "\n")
+            counts["written"] += 1
+    (out / CLASSES_FILE).write_text(json.dumps({"classes": classes, "folders": {v: k for k, v in folders.items()}},
+                                               indent=2) + "\n")
+    return counts
