@@ -54,8 +54,9 @@ integration: $(STAMP)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 # Reproduce models/fashion_cnn.pt (and models/fashion_cnn.int8.pt): DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
+# ADD=<tree from ctl export-labelled>: labelled answers added to the training split (the held-out split unchanged)
 train: $(STAMP)
-	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
+	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(foreach d,$(ADD),--add $(d)) $(TRAIN_ARGS)
 	$(PY) -m scripts.train.export
 
 # Roll out a new version beside the running one: make rollout VERSION=2.0 [MODEL=path.pt] [ROLLOUT_ARGS="--retire unregister"]
