@@ -135,6 +135,14 @@ def new_key() -> str:
     return secrets.token_urlsafe(KEY_BYTES)
 
 
+def _writable(path: Path) -> bool:
+    """Ours to rewrite: writable for us and not a read-only file (a mounted Secret is 0440, even for root)."""
+    try:
+        return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def _valid(keys: dict, kind: str) -> bool:
     try:
         return bool(VALID_KEY.fullmatch(keys[kind]["key"]))
@@ -158,12 +166,12 @@ def service_keys(key_file: Path) -> dict:
         except (OSError, ValueError):
             keys = None
         if isinstance(keys, dict) and all(_valid(keys, kind) for kind in ("inference", "management")):
-            if _valid(keys, "feedback") or not os.access(key_file, os.W_OK):
+            if _valid(keys, "feedback") or not _writable(key_file):
                 return keys
             keys = {**keys, "feedback": {"key": new_key(), "expiration time": "never (gateway credential)"}}
             write_private(key_file, json.dumps(keys, indent=2) + "\n")
             return keys
-        if not os.access(key_file, os.W_OK):  # a mounted Secret, say: not ours to replace
+        if not _writable(key_file):  # a mounted Secret, say: not ours to replace
             raise ValueError(f"{key_file} holds no valid service keys: it needs inference.key and management.key "
                              "(and feedback.key for /feedback), each 22 or more characters of [A-Za-z0-9_-] (128+ bits). "
                              "Generate them with python3 -c 'import secrets; print(secrets.token_urlsafe(32))'.")
