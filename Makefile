@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.installed
 MAR     := model_store/fashion_cnn.mar
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols doctor lint clean
+.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-recording doctor lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -72,10 +72,15 @@ eval-real: $(STAMP)
 bench: $(STAMP) $(MAR)
 	$(PY) -m scripts.bench $(BENCH_ARGS)
 	$(PY) -m scripts.bench.protocols
+	$(PY) -m scripts.bench.recording
 
 # REST v2 binary and gRPC (the standard clients' protocols) vs /predictions at concurrency 16: its section of docs/benchmarks.md
 bench-protocols: $(STAMP) $(MAR)
 	$(PY) -m scripts.bench.protocols $(PROTOCOLS_ARGS)
+
+# Recording every answer (spool + recorder + SQLite) on vs off at concurrency 16: its section of docs/benchmarks.md
+bench-recording: $(STAMP) $(MAR)
+	$(PY) -m scripts.bench.recording $(RECORDING_ARGS)
 
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
 bench-cost: $(STAMP)
