@@ -131,7 +131,14 @@ class Spool:
             raise SpoolFull(f"{self.directory} holds {self.folder_bytes} bytes (limit {self.max_bytes})")
         if self.fd is None or self.written + len(payload) > self.segment_bytes:
             self._open_next()
-        os.write(self.fd, payload)
+        try:
+            n = os.write(self.fd, payload)
+            if n != len(payload):
+                raise OSError(f"short write: {n} of {len(payload)} bytes")
+        except OSError:  # a torn tail stays at the end of this segment: the next batch starts a new one
+            os.close(self.fd)
+            self.fd = None
+            raise
         self.written += len(payload)
         self.folder_bytes += len(payload)
 

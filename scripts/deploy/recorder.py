@@ -294,7 +294,7 @@ class Recorder:
                ("recorder_ingest_errors_total", "counter", "Failed ingestion passes or segments (retried next pass).",
                 c["ingest_errors"]),
                ("recorder_bad_lines_total", "counter", "Spool lines that could not be read (torn by a killed worker).",
-                c["bad_lines"]),
+                c["bad_lines"] + (self.store.skipped if self.store is not None else 0)),
                ("recorder_pruned_total", "counter", "Unlabelled answers deleted by the retention.", c["pruned"]),
                ("recorder_spool_bytes", "gauge", "Bytes waiting in the spool.", self.spool_bytes())]
         for name, kind, help_text, value in own:

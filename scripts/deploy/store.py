@@ -303,6 +303,7 @@ class Store:
         self.engine = make_engine(store)
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.write_lock = threading.Lock()  # one writer at a time in this process (SQLite has one anyway)
+        self.skipped = 0  # spool lines that were not answers of this format
         if migrate_schema:
             migrate(self.engine)
 
@@ -349,7 +350,13 @@ class Store:
                     conn.execute(_insert(conn, MODELS).values(
                         model=line["model"], version=line["version"], classes=json.dumps(line["classes"]),
                         first_seen=line.get("time", now)).on_conflict_do_nothing())
-            rows = [self._row(line) for line in lines if line.get("type") == "answer"]
+            rows = []
+            for line in lines:
+                if line.get("type") == "answer":
+                    try:
+                        rows.append(self._row(line))
+                    except (KeyError, TypeError, ValueError):  # not an answer line of this format: skipped, counted
+                        self.skipped += 1
             for chunk in _chunks(rows):
                 result = conn.execute(_insert(conn, PREDICTIONS).values(chunk).on_conflict_do_nothing()
                                       .returning(PREDICTIONS.c.id))
