@@ -56,6 +56,7 @@ from scripts.deploy.store import (
     MalformedFeedback,
     Store,
     StoreUnavailable,
+    UnknownModel,
     UnknownRequest,
     parse_body,
     redact,
@@ -237,14 +238,14 @@ class Recorder:
         store = self.need_store()
         try:
             results = store.label(model, labels)
-        except UnknownRequest:
+        except (UnknownRequest, UnknownModel):
             self.ingest_now()  # the worker spooled the answer before answering: it may just not be read yet
             deadline = time.monotonic() + self.args.wait_for_answer
             while True:
                 try:
                     results = store.label(model, labels)
                     break
-                except UnknownRequest:  # another host's recorder may add it within its interval
+                except (UnknownRequest, UnknownModel):  # another host's recorder may add it within its interval
                     if time.monotonic() >= deadline:
                         raise
                     time.sleep(0.25)

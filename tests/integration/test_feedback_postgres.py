@@ -7,7 +7,6 @@ Skipped, with the reason, where PostgreSQL is not installed (scripts/setup_env.s
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -16,13 +15,12 @@ from tests.feedback_helpers import RecorderProcess, answer_line, model_line, pos
 from tests.unit import test_feedback_store as contract
 
 pytestmark = pytest.mark.skipif(postgres_missing() is not None, reason=postgres_missing() or "")
-_names = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One PostgreSQL cluster for the module; each test gets a database of its own."""
-    with postgres("base") as dsn:
+    """One PostgreSQL cluster and database for the module; each test starts from an empty schema."""
+    with postgres("feedback") as dsn:
         yield dsn
 
 
@@ -30,10 +28,10 @@ def cluster():
 def store_url(cluster):
     import psycopg
 
-    name = f"t{next(_names)}"
-    with psycopg.connect(cluster.replace("/base?", "/postgres?"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return cluster.replace("/base?", f"/{name}?")
+    with psycopg.connect(cluster, autocommit=True) as conn:  # a database per test costs a checkpoint of its files
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    return cluster
 
 
 # The store's contract, on PostgreSQL (the fixtures above replace the unit module's SQLite ones).
