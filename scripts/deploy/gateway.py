@@ -307,10 +307,12 @@ def _feedback_routes(settings: GatewaySettings, keys: dict, api: str) -> str:
         message = f"Feedback is not served here: {closed}."
         return f"        location /feedback/ {{ default_type application/json; {_answer(503, 'FeedbackUnavailable', message)} }}"
     down = _answer(503, "FeedbackUnavailable", "The feedback service (the recorder) is restarting; retry in a few seconds.")
-    # A location's own proxy_set_header drops the server's: the ones that matter are repeated.
+    # A location's own proxy_set_header and error_page drop the server's: the ones that matter are repeated.
+    pages = " ".join(f"error_page {code} = @{ERRORS[code][0]};" for code in (400, 401, 403, 405, 408, 429))
     common = (f'proxy_set_header Connection ""; proxy_set_header Authorization ""; proxy_set_header X-Request-ID $req_id; '
               f'proxy_set_header X-Readiness-Probe ""; proxy_set_header X-Feedback-Api {api};\n'
               f"            proxy_read_timeout 60s;\n"
+              f"            {pages}\n"
               f"            error_page 502 504 = @feedback_down;\n"
               f"            proxy_pass http://unix:{settings.run_dir / FEEDBACK_SOCKET};")
     too_large = _answer(413, "TooManyLabels", "A feedback body is at most 1 MiB: send the labels in smaller lists.")

@@ -175,6 +175,7 @@ def test_feedback_routes_check_the_feedback_key_before_the_body_and_export_only_
     assert "client_max_body_size 1m;" in route and "X-Feedback-Api feedback" in route
     assert 'proxy_set_header Authorization "";' in route  # the labeller's key goes no further
     assert "feedback.sock" in route and "error_page 502 504 = @feedback_down" in route
+    assert "error_page 401 = @unauthorized;" in route  # its own error_page drops the server's: JSON 401s kept
     assert "if ($feedback_ok = 0) { return 401; }" in inference
     # the management port (its key, checked for the whole server): the summary and the labelled set
     assert "(summary|export)$" in management and "X-Feedback-Api management" in management
