@@ -42,7 +42,7 @@ from scripts.train.photos import STYLES, render_photo_bytes
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="IDX folder or class-per-folder tree (default: shared subset)")
-    p.add_argument("--add", type=Path, action="append", default=[], metavar="DIR",
+    p.add_argument("--add", action="append", default=[], metavar="DIR",
                    help="also train on this class-per-folder tree (ctl export-labelled); training split only; repeatable")
     p.add_argument("--download", action="store_true", help="download the official Fashion-MNIST into --data first")
     p.add_argument("--out", type=Path, default=REPO / "build" / "train", help="checkpoint folder")
