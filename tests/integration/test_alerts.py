@@ -277,9 +277,18 @@ def test_labelled_accuracy_alert_fires_on_worse_labels_and_stays_silent_on_held_
     try:
         prom.wait_until("target scraped", lambda: value(prom.query(f'up{{job="{alerts.JOB}"}}')) == 1, 30)
         labeller.start()
-        # 1. held-out images with their true labels: enough expected errors in the window for a verdict, and silence
-        prom.wait_until("a full window of held-out labels with >= 10 expected errors",
-                        lambda: (value(prom.query(alerts.FB_ERRORS), ModelVersion="1.0") or 0) >= 15, 60)
+        labelling = time.monotonic()
+        # 1. held-out images with their true labels: a full window of them, enough expected errors for a verdict, and
+        # silence at every evaluation
+        fired_early = []
+
+        def full_window() -> bool:
+            fired_early.extend(prom.firing().get("LabelledAccuracyLow", []))
+            return (time.monotonic() - labelling >= FEEDBACK_WINDOW_S
+                    and (value(prom.query(alerts.FB_ERRORS), ModelVersion="1.0") or 0) >= 15)
+
+        prom.wait_until("a full window of held-out labels with >= 10 expected errors", full_window, 90)
+        assert not fired_early, fired_early
         seen = []
         for _ in range(5):
             z = value(prom.query(alerts.FB_Z), ModelVersion="1.0")

@@ -6,7 +6,8 @@ file; Selenium drives Debian's chromium through chromedriver. Checked: the page 
 never reaches the browser; an uploaded example gets the label the API gives for the same file, with
 the bars, the canonical input and the Grad-CAM overlay; a non-garment picked from the examples gets
 the out-of-distribution badge; a refused key is said plainly and a rewritten key file is picked up;
-several images at once fill the gallery. Screenshots: build/demo/ (docs/demo.png and docs/demo_gallery.png with UPDATE_SCREENSHOTS=1).
+several images at once fill the gallery; the Review tab shows what to label next and a click records the label.
+Screenshots: build/demo/ (docs/demo.png, docs/demo_gallery.png and docs/demo_review.png with UPDATE_SCREENSHOTS=1).
 
 Skipped, with the reason, when chromium, chromedriver, selenium or gradio is missing (`make install`
 installs them).
@@ -259,6 +260,9 @@ def test_the_review_tab_shows_what_to_check_next_and_one_click_records_the_label
     src = wait_for(browser, "#demo-review-image img").get_attribute("src")
     assert requests.get(src, timeout=10).content[:8] == b"\x89PNG\r\n\x1a\n"
     assert gateway.key("feedback") not in browser.page_source
+    time.sleep(0.5)  # let the image paint before the picture
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SHOTS / "demo_review.png"))
     bag = browser.find_element(By.ID, "demo-review-class-8")
     assert bag.text == "Bag"
     bag.click()
@@ -279,5 +283,3 @@ def test_the_review_tab_shows_what_to_check_next_and_one_click_records_the_label
         time.sleep(0.2)
     else:
         pytest.fail("the next answer did not replace the labelled one")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(SHOTS / "demo_review.png"))
