@@ -278,7 +278,14 @@ def test_no_acknowledged_label_is_lost_across_kill_9_of_the_recorder_a_replica_a
         wait_for(lambda: stack.state().get("recorder_pid") not in (None, recorder.pid), 30, "the recorder restarted")
         time.sleep(3)
         replica.kill()
-        wait_for(lambda: ready_replicas(stack) == {0, 1}, 120, "the supervisor to bring replica 1 back")
+
+        def replica_back() -> bool:
+            try:
+                return frontend(stack, 1).pid != replica.pid and ready_replicas(stack) == {0, 1}
+            except (psutil.Error, StopIteration, TypeError, ValueError):
+                return False
+
+        wait_for(replica_back, 120, "the supervisor to bring replica 1 back")
         time.sleep(2)
         gateway.kill()
         wait_for(lambda: stack.state().get("gateway_pid") not in (None, gateway.pid), 30, "the gateway restarted")
