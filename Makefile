@@ -16,7 +16,7 @@ DEFAULT_MAR := model_store/fashion_cnn.mar
 MAR     := $(DEFAULT_MAR)
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads doctor archive lint clean
+.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads bench-recording doctor archive lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -60,8 +60,9 @@ integration: $(STAMP)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 # Reproduce models/fashion_cnn.pt (and models/fashion_cnn.int8.pt): DATA=<IDX folder | class-per-folder tree> (default: the shared subset)
+# ADD=<tree from ctl export-labelled>: labelled answers added to the training split (the held-out split unchanged)
 train: $(STAMP)
-	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(TRAIN_ARGS)
+	$(PY) -m scripts.train.train $(if $(DATA),--data $(DATA)) $(foreach d,$(ADD),--add $(d)) $(TRAIN_ARGS)
 	$(PY) -m scripts.train.export
 
 # Roll out a new version beside the running one: make rollout VERSION=2.0 [MODEL=path.pt] [ROLLOUT_ARGS="--retire unregister"]
@@ -78,6 +79,7 @@ bench: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench $(BENCH_ARGS)
 	$(PY) -m scripts.bench.protocols
 	$(PY) -m scripts.bench.uploads
+	$(PY) -m scripts.bench.recording
 
 # REST v2 binary and gRPC (the standard clients' protocols) vs /predictions at concurrency 16: its section of docs/benchmarks.md
 bench-protocols: $(STAMP) $(DEFAULT_MAR)
@@ -86,6 +88,10 @@ bench-protocols: $(STAMP) $(DEFAULT_MAR)
 # Uploads (28x28 to 12 MP JPEG, HEIC, AVIF): in-process against each file's decode floor, and through the front door
 bench-uploads: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.uploads $(UPLOADS_ARGS)
+
+# Recording every answer (spool + recorder + SQLite) on vs off at concurrency 16: its section of docs/benchmarks.md
+bench-recording: $(STAMP) $(MAR)
+	$(PY) -m scripts.bench.recording $(RECORDING_ARGS)
 
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
 bench-cost: $(STAMP)

@@ -80,3 +80,14 @@ class InternalError(RequestError):
     status = 500
     phrase = "Internal Server Error"
     reason = "internal_error"
+
+
+def known_reasons() -> tuple[str, ...]:
+    """Every ``reason`` a RequestError subclass defined so far carries (the ``RejectedRequests`` label values)."""
+    seen, todo = [], [RequestError]
+    while todo:
+        cls = todo.pop()
+        if cls.reason not in seen:
+            seen.append(cls.reason)
+        todo.extend(cls.__subclasses__())
+    return tuple(sorted(seen))

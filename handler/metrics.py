@@ -25,7 +25,10 @@ DISAGREEMENT = ("TTADisagreement", MetricTypes.COUNTER, "Count", ["ModelName", "
 AUGMENTED = ("TTAAugmented", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])  # answers that got the extra views
 REJECTED = ("RejectedRequests", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion", "Reason"])
 STAGE_LATENCY = ("StageLatency", MetricTypes.HISTOGRAM, "Seconds", ["ModelName", "ModelVersion", "Stage"])
-ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, AUGMENTED, REJECTED, STAGE_LATENCY)
+RECORDED = ("RecordedAnswers", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion"])  # written to the spool
+RECORD_LOST = ("RecordLost", MetricTypes.COUNTER, "Count", ["ModelName", "ModelVersion", "Reason"])  # answers not recorded
+ALL = (PREDICTIONS, CONFIDENCE, UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, AUGMENTED, REJECTED, STAGE_LATENCY,
+       RECORDED, RECORD_LOST)
 
 
 class QualityMetrics:
@@ -86,6 +89,28 @@ class QualityMetrics:
             self._emit(OUT_OF_DISTRIBUTION, ood)
         if augmented:
             self._emit(AUGMENTED, augmented)
+
+    def start(self, labels, reasons, record_reasons=()) -> None:
+        """Every counter alerts read, at 0 for every known label value, when a worker starts: a series that first
+        appears with its first event is invisible to ``rate()``/``increase()`` (no earlier sample) and makes
+        ``absent()`` fire on a healthy, fresh server. Histograms are left alone (a 0 would be an observation)."""
+        for label in labels:
+            self._emit(PREDICTIONS, 0, label)
+        for metric in (UNCERTAIN, OUT_OF_DISTRIBUTION, DISAGREEMENT, AUGMENTED):
+            self._emit(metric, 0)
+        for reason in reasons:
+            self._emit(REJECTED, 0, reason)
+        if record_reasons:  # recording is on in this worker
+            self._emit(RECORDED, 0)
+            for reason in record_reasons:
+                self._emit(RECORD_LOST, 0, reason)
+        self.flush()
+
+    def recording(self, recorded: int, lost: Counter) -> None:
+        if recorded:
+            self._emit(RECORDED, recorded)
+        for reason, count in lost.items():
+            self._emit(RECORD_LOST, count, reason)
 
     def rejected(self, reasons: list[str]) -> None:
         for reason, count in Counter(reasons).items():

@@ -6,6 +6,7 @@
 - ``handler.explain``: heatmaps for the requests on /explanations only (unfrozen model, backward pass)
 - ``handler.postprocess``: merged probabilities -> JSON answer
 - ``handler.metrics``: prediction-quality and per-stage metrics
+- ``handler.record``: every answer appended to the local spool the recorder ingests (when the stack sets it up)
 
 ``handle()`` is overridden so that a bad request is answered alone (its own 4xx,
 never an exception that fails the batch) and so that ``describe`` / ``explain``
@@ -18,13 +19,14 @@ import time
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler import golden
-from handler.errors import InternalError
+from handler.errors import InternalError, known_reasons
 from handler.explain import Explainer, attach
 from handler.inference import Policy, infer
 from handler.loader import load
 from handler.metrics import QualityMetrics
 from handler.postprocess import encode, render
 from handler.preprocess import prepare
+from handler.record import LOSS_REASONS, Recorder
 from handler.request import normalise_headers
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ class TTAClassifierHandler(BaseHandler):
         self.version = str(context.manifest["model"].get("modelVersion", "1.0"))
         self.model_name = context.model_name
         self.quality = QualityMetrics(context.metrics, context.model_name, self.version)
+        self.recorder = Recorder.from_env(self.spec, self.model_name, self.version)
+        self.quality.start(self.spec.class_names, known_reasons(), LOSS_REASONS if self.recorder else ())
+        self.answered = []
         self.initialized = True
 
     def handle(self, data, context):
@@ -55,6 +60,8 @@ class TTAClassifierHandler(BaseHandler):
         slots, results = self.add_explanations(slots, results)
         t3 = time.perf_counter()
         output = self.postprocess(list(zip(slots, results)))
+        if self.recorder is not None:  # never raises: a loss is counted, the answers go out
+            self.quality.recording(*self.recorder.record(self.answered, data, context))
         t4 = time.perf_counter()
         stages = {"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t4 - t3}
         if any(getattr(slot, "explain", False) for slot in slots):  # only batches that asked pay and report it
@@ -81,7 +88,7 @@ class TTAClassifierHandler(BaseHandler):
         return attach(self.explainer, slots, results, self.spec.class_names, self.device, self.context.get_request_id)
 
     def postprocess(self, data):
-        output, labels, confidences, rejected = [], [], [], []
+        output, labels, confidences, rejected, self.answered = [], [], [], [], []
         uncertain = disagree = ood = augmented = 0
         for idx, (slot, result) in enumerate(data):
             status, phrase, body, answers = render(slot, result, self.spec, self.policy.names, self.version,
@@ -97,6 +104,8 @@ class TTAClassifierHandler(BaseHandler):
                 rejected.append(slot.reason)
             if getattr(slot, "probe", False):  # readiness probes would skew the label and confidence distributions
                 continue
+            if answers:
+                self.answered.append((idx, slot, result, answers))
             for image, item in zip(result if answers else [], answers):
                 labels.append(item["label"])
                 confidences.append(item["confidence"])

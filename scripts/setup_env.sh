@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the project needs: Java 17 and nginx (the gateway; only where missing) and a
+# Install what the project needs: Java 17 and nginx (the gateway; only where missing), Prometheus, Chromium and
+# PostgreSQL for the tests, and a
 # .venv with the pinned Python stack from pyproject.toml. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,17 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi
+
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "PostgreSQL not found: installing Debian's postgresql (the feedback store's tests start their own cluster: tests/integration/test_feedback_postgres.py)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql
+    # on a host with systemd the package starts a cluster on :5432: stop the one this install started
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+        $SUDO systemctl disable --now postgresql
+    fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

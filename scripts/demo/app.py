@@ -8,6 +8,9 @@ uncertain and out-of-distribution badges with a sentence each, the region the ga
 canonical image the model saw and the Grad-CAM overlay (one ``/explanations`` call), and a switch for
 test-time augmentation (``X-TTA``).
 Several images: a gallery with one caption each and a table, the requests sent in parallel.
+Review: the answers to check next (out-of-distribution and uncertain ones first, and a random share of confident
+ones), each with the image the model saw and its answer; one click per class, or "not a garment", posts the label
+to the feedback API (with the feedback key, read on the server like the inference key).
 
 Every call goes through the gateway's public inference API, as any client's would, with the inference
 key read from the key file by this process; the key never reaches the browser. The page binds
@@ -17,6 +20,7 @@ key read from the key file by this process; the key never reaches the browser. T
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import sys
 import tempfile
@@ -35,6 +39,7 @@ from scripts.demo.backend import (
     label_value,
     region_image,
 )
+from scripts.demo.review import Item, ReviewBackend, choices, item_html, item_images
 from scripts.ops.tsclient import REPO
 
 HOST = "127.0.0.1"
@@ -91,9 +96,22 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes()
 
 
-def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: int = 8):
+def review_classes(backend: DemoBackend) -> list[str]:
+    """The model's classes for the Review tab's buttons (its description), the Fashion-MNIST ones if it is down."""
+    description = backend.description()
+    if description and description.get("classes"):
+        return list(description["classes"])
+    from handler.spec import FASHION_MNIST_CLASSES
+
+    return list(FASHION_MNIST_CLASSES)
+
+
+def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: int = 8,
+          review: ReviewBackend | None = None):
     """The page, as a gr.Blocks (not launched)."""
     import gradio as gr
+
+    review = review or ReviewBackend(backend.url, backend.key_file, backend.model, backend.timeout)
 
     def single(path: str | None, tta: bool):
         empty = ("", None, None, None, None, "", None)
@@ -186,6 +204,59 @@ def build(backend: DemoBackend, examples: list[str], top_k: int = 5, parallel: i
                                      elem_id="demo-table", interactive=False, wrap=True)
                 run_many.click(several, [files, tta_many], [summary, gallery, table])
                 files.upload(several, [files, tta_many], [summary, gallery, table])
+            with gr.Tab("Review", id="review") as review_tab:
+                gr.Markdown("Check the model's answers: out-of-distribution and uncertain ones first, and now and then a "
+                            "confident one drawn at random (so the accuracy of confident answers is measured without "
+                            "bias). Click what the image shows; the label goes to the feedback API and the next answer "
+                            "appears. Labelled accuracy: `ctl feedback`.")
+                skip_state, item_state = gr.State([]), gr.State(None)
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        review_seen = gr.Image(label="What the model saw", elem_id="demo-review-image", format="png",
+                                               interactive=False, height=240)
+                        review_upload = gr.Image(label="The upload (when the service keeps them)", format="png",
+                                                 elem_id="demo-review-upload", interactive=False, height=200)
+                    with gr.Column(scale=2):
+                        review_info = gr.HTML(elem_id="demo-review-box")
+                        review_result = gr.HTML(elem_id="demo-review-result-box")
+                        class_buttons = []
+                        with gr.Row():
+                            for i, name in enumerate(review_classes(backend)):
+                                class_buttons.append((name, gr.Button(name, elem_id=f"demo-review-class-{i}", size="sm")))
+                        with gr.Row():
+                            not_garment = gr.Button(choices([])[0], elem_id="demo-review-not-garment", variant="stop")
+                            skip_button = gr.Button("Skip", elem_id="demo-review-skip")
+
+                review_out = [review_info, review_seen, review_upload, item_state, skip_state, review_result]
+
+                def review_outputs(item: Item, skip: list[str], message: str = ""):
+                    canonical, upload = item_images(item)
+                    shown = f'<div id="demo-review-result">{html.escape(message)}</div>' if message else ""
+                    return item_html(item), canonical, upload, item.answer, skip, shown
+
+                def review_load(skip):
+                    skip = list(skip or [])
+                    return review_outputs(review.next_item(skip), skip)
+
+                def labeller(label: str):
+                    def post(current, skip):
+                        skip = list(skip or [])
+                        if not current:
+                            return review_load(skip)
+                        ok, message = review.label(current, label)
+                        if not ok:  # not recorded: the same answer stays, with the reason
+                            return review_outputs(Item(answer=current), skip, message)
+                        return review_outputs(review.next_item(skip), skip, message)
+                    return post
+
+                def review_skip(current, skip):
+                    skip = list(skip or []) + ([f"{current['request_id']}:{current['index']}"] if current else [])
+                    return review_outputs(review.next_item(skip), skip)
+
+                for name, button in [*class_buttons, (not_garment.value, not_garment)]:
+                    button.click(labeller(name), [item_state, skip_state], review_out)
+                skip_button.click(review_skip, [item_state, skip_state], review_out)
+                review_tab.select(review_load, [skip_state], review_out)
         page.load(backend.readiness, None, status)
     return page
 

@@ -48,7 +48,7 @@ ERRORS = {
     400: ("bad_request", "BadRequest", "The request could not be read (headers too large or malformed)."),
     401: ("unauthorized", "Unauthorized",
           "Send the service credential: Authorization: Bearer <key> (inference key from key_file.json "
-          "for /predictions, management key for the management port)."),
+          "for /predictions, feedback key for /feedback, management key for the management port)."),
     403: ("forbidden", "Forbidden", "This credential may not use this route."),
     404: ("not_found", "NotFound", "Unknown route. Inference: POST /predictions/<model>[/<version>] or "
           "/explanations/<model>[/<version>]; readiness: GET /ping."),
@@ -80,6 +80,8 @@ GRPC_MESSAGES = {
     504: "The model did not answer in time; retry in a few seconds.",
 }
 GRPC_SOCKET = "grpc.sock"  # run/grpc.sock: scripts/deploy/grpc_service.py, reached only through the gateway
+FEEDBACK_SOCKET = "feedback.sock"  # run/feedback.sock: scripts/deploy/recorder.py, reached only through the gateway
+KEY_KINDS = ("inference", "management", "feedback")
 MANAGEMENT_TIMEOUT_S = 300  # `ctl scale` waits synchronously for workers (180 s by default)
 
 
@@ -126,6 +128,7 @@ class GatewaySettings:
     access_log: str = "file"  # "file": <log_dir>/gateway_access.log (rotated by the supervisor); "stdout": a container's log
     replicas: list[int] = field(default_factory=list)  # replica indices; each is reached through its hop's sockets
     public_grpc: str | None = None  # host:port of KServe's gRPC service (config.properties' grpc_inference_*); None: not served
+    feedback: str = ""  # why /feedback is closed ("" = served by the recorder on run/feedback.sock)
 
 
 # --- service credentials ----------------------------------------------------------------------------
@@ -133,26 +136,48 @@ def new_key() -> str:
     return secrets.token_urlsafe(KEY_BYTES)
 
 
+def _writable(path: Path) -> bool:
+    """Ours to rewrite: writable for us and not a read-only file (a mounted Secret is 0440, even for root)."""
+    try:
+        return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _valid(keys: dict, kind: str) -> bool:
+    try:
+        return bool(VALID_KEY.fullmatch(keys[kind]["key"]))
+    except (KeyError, TypeError):
+        return False
+
+
 def service_keys(key_file: Path) -> dict:
     """The service credentials in ``key_file`` (TorchServe's key-file format); new ones if absent or weak.
 
     Clients keep reading ``inference.key`` / ``management.key`` from this file as they did
-    when TorchServe wrote it. Keys made here do not expire and survive restarts; delete the
-    file (or run ``make rotate-keys``) to replace them.
+    when TorchServe wrote it; labellers read ``feedback.key`` (a file written before the feedback
+    API gains one, the other keys kept). Keys made here do not expire and survive restarts; delete
+    the file to replace them. A read-only file (a mounted Secret) without a feedback key serves
+    everything but ``/feedback``, which answers 503 saying so.
     """
+    keys = None
     if key_file.exists():
         try:
             keys = json.loads(key_file.read_text())
-            if all(VALID_KEY.fullmatch(keys[kind]["key"]) for kind in ("inference", "management")):
+        except (OSError, ValueError):
+            keys = None
+        if isinstance(keys, dict) and all(_valid(keys, kind) for kind in ("inference", "management")):
+            if _valid(keys, "feedback") or not _writable(key_file):
                 return keys
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        if not os.access(key_file, os.W_OK):  # a mounted Secret, say: not ours to replace
-            raise ValueError(f"{key_file} holds no valid service keys: it needs inference.key and management.key, "
-                             "each 22 or more characters of [A-Za-z0-9_-] (128+ bits). Generate them with "
-                             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'.")
+            keys = {**keys, "feedback": {"key": new_key(), "expiration time": "never (gateway credential)"}}
+            write_private(key_file, json.dumps(keys, indent=2) + "\n")
+            return keys
+        if not _writable(key_file):  # a mounted Secret, say: not ours to replace
+            raise ValueError(f"{key_file} holds no valid service keys: it needs inference.key and management.key "
+                             "(and feedback.key for /feedback), each 22 or more characters of [A-Za-z0-9_-] (128+ bits). "
+                             "Generate them with python3 -c 'import secrets; print(secrets.token_urlsafe(32))'.")
     keys = {kind: {"key": new_key(), "expiration time": "never (gateway credential)"}
-            for kind in ("management", "inference")}
+            for kind in ("management", "inference", "feedback")}
     write_private(key_file, json.dumps(keys, indent=2) + "\n")
     return keys
 
@@ -265,6 +290,57 @@ def _grpc_server(settings: GatewaySettings) -> str:
         }}
 {chr(10).join(errors)}
     }}"""
+
+
+def _feedback_map(keys: dict) -> str:
+    """$feedback_ok: the feedback key (labellers); with none in the key file, nothing matches."""
+    key = keys.get("feedback", {}).get("key") if _valid(keys, "feedback") else None
+    match = f'"~^Bearer {key}$" 1; ' if key else ""
+    return (f"    map $http_authorization $feedback_ok {{ {match}default 0; }}\n"
+            "    map $feedback_ok $feedback_fail_key { 1 \"\"; default $binary_remote_addr; }")
+
+
+def _feedback_routes(settings: GatewaySettings, keys: dict, api: str) -> str:
+    """/feedback/<model> on the inference port (the feedback key) or the management port (its key: summary, export)."""
+    closed = settings.feedback or ("" if _valid(keys, "feedback") else
+                                   "the key file has no feedback key (feedback.key): add one and restart")
+    if closed:
+        message = f"Feedback is not served here: {closed}."
+        return f"        location /feedback/ {{ default_type application/json; {_answer(503, 'FeedbackUnavailable', message)} }}"
+    down = _answer(503, "FeedbackUnavailable", "The feedback service (the recorder) is restarting; retry in a few seconds.")
+    # A location's own proxy_set_header and error_page drop the server's: the ones that matter are repeated.
+    pages = " ".join(f"error_page {code} = @{ERRORS[code][0]};" for code in (400, 401, 403, 405, 408, 429))
+    common = (f'proxy_set_header Connection ""; proxy_set_header Authorization ""; proxy_set_header X-Request-ID $req_id; '
+              f'proxy_set_header X-Readiness-Probe ""; proxy_set_header X-Feedback-Api {api};\n'
+              f"            proxy_read_timeout 60s;\n"
+              f"            {pages}\n"
+              f"            error_page 502 504 = @feedback_down;\n"
+              f"            proxy_pass http://unix:{settings.run_dir / FEEDBACK_SOCKET};")
+    too_large = _answer(413, "TooManyLabels", "A feedback body is at most 1 MiB: send the labels in smaller lists.")
+    fallback = (f"        location @feedback_down {{ default_type application/json; add_header X-Request-ID $req_id always; "
+                f"add_header Retry-After 2 always; {down} }}\n"
+                f"        location @feedback_too_large {{ default_type application/json; add_header X-Request-ID $req_id always; "
+                f"{too_large} }}")
+    if api == "management":  # the management key, checked by the server: the summary and the labelled set for retraining
+        return f"""        location ~ ^/feedback/[A-Za-z0-9._-]+/(summary|export)$ {{
+            if ($request_method != GET) {{ return 405; }}
+            {common}
+        }}
+{fallback}"""
+    return f"""        # Labels for answers: the feedback key (key_file.json's "feedback"), checked before the body is read.
+        location ~ ^/feedback/[A-Za-z0-9._-]+(/summary|/review)?$ {{
+            limit_req zone=feedback_auth_failures burst={settings.auth_failure_burst} nodelay;
+            auth_request /_auth/feedback;
+            client_max_body_size 1m;
+            error_page 413 = @feedback_too_large;
+            {common}
+        }}
+        location = /_auth/feedback {{
+            internal;
+            if ($feedback_ok = 0) {{ return 401; }}
+            return 204;
+        }}
+{fallback}"""
 
 
 def hop_socket(run_dir: Path, index: int, api: str = "inference") -> Path:
@@ -410,6 +486,9 @@ def render(settings: GatewaySettings, keys: dict) -> str:
         "v2_error_locations": _v2_error_locations(settings),
         "v2_error_pages": _v2_error_pages(settings),
         "grpc_server": _grpc_server(settings),
+        "feedback_map": _feedback_map(keys),
+        "feedback_routes": _feedback_routes(settings, keys, "feedback"),
+        "feedback_management_routes": _feedback_routes(settings, keys, "management"),
         "public_grpc_note": settings.public_grpc or "(not served)",
     })
 

@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -111,13 +111,14 @@ class Server:
     config: Path
     model_store: Path
     client: TorchServeClient
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the recording settings of the serving stack
 
     @property
     def env(self) -> dict:
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
         path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-        return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "PATH": path}
+        return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "PATH": path, **self.extra_env}
 
     def properties(self) -> dict[str, str]:
         return read_properties(self.config)

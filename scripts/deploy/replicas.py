@@ -27,11 +27,13 @@ KEY_LIFETIME_MIN = 60 * 24 * 365
 
 
 class Replica:
-    def __init__(self, index: int, run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None):
+    def __init__(self, index: int, run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None,
+                 env: dict[str, str] | None = None):
         self.index = index
         self.workdir = run_dir / f"replica-{index}"
         self.model_store = model_store
         self.overrides = overrides or {}
+        self.env = env or {}  # for its workers: where they spool answers (handler/record.py)
         self.server: Server | None = None
         self.lock = threading.Lock()
 
@@ -47,7 +49,8 @@ class Replica:
             **self.overrides,
         }
         config = write_config(self.workdir, self.model_store, overrides)
-        self.server = Server(self.workdir, config, self.model_store, TorchServeClient.from_config(config, self.workdir))
+        self.server = Server(self.workdir, config, self.model_store, TorchServeClient.from_config(config, self.workdir),
+                             dict(self.env))
         return self.server
 
     def launch(self) -> None:

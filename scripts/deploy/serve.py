@@ -14,8 +14,10 @@ addresses are config.properties' (127.0.0.1:8080 inference, :8081 management, :8
 metrics, and 127.0.0.1:7070 for KServe's gRPC service, grpc_inference_address/port); the
 replicas run on free loopback ports behind the gateway. Environment:
 REPLICAS, GATEWAY_HOST (the host the public ports bind; 0.0.0.0 in the container),
-SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE, GATEWAY_LARGE_BODIES, GATEWAY_PHOTO_BODIES, GATEWAY_ACCESS_LOG. Starting twice is safe: when the service already
-answers, ``start`` only prints how to call it.
+SERVE_RUN_DIR, SERVE_LOG_DIR, KEY_FILE, GATEWAY_LARGE_BODIES, GATEWAY_PHOTO_BODIES, GATEWAY_ACCESS_LOG, and for recording and
+feedback FEEDBACK_RECORD, FEEDBACK_STORE, FEEDBACK_KEEP_UPLOADS, FEEDBACK_REVIEW_SHARE, FEEDBACK_RETENTION_DAYS,
+FEEDBACK_RETENTION_MB, FEEDBACK_SPOOL_MB. Starting twice is safe: when the service already answers, ``start`` only
+prints how to call it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the model to probe and report (default: the --mar archive's, else the running stack's, "
                         "else fashion_cnn)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the first answer")
+    # Recording and feedback (docs/operations.md, "Labelled feedback"): every answer recorded, /feedback served.
+    p.add_argument("--no-record", dest="record", action="store_false", default=env("FEEDBACK_RECORD", "on") != "off",
+                   help="record no answers and serve no /feedback (env FEEDBACK_RECORD=off)")
+    p.add_argument("--store", default=env("FEEDBACK_STORE"),
+                   help="the feedback store: a PostgreSQL DSN (postgresql://user:password@host/db, for several replicas "
+                        "or hosts) or an SQLite file; default <run-dir>/feedback.sqlite3 (env FEEDBACK_STORE)")
+    p.add_argument("--keep-uploads", action="store_true", default=env("FEEDBACK_KEEP_UPLOADS", "0") == "1",
+                   help="keep the raw upload of the answers in the review sample (env FEEDBACK_KEEP_UPLOADS=1)")
+    p.add_argument("--review-share", type=float, default=float(env("FEEDBACK_REVIEW_SHARE", "0.05")),
+                   help="share of confident answers drawn at random into the review sample (env FEEDBACK_REVIEW_SHARE)")
+    p.add_argument("--retention-days", type=float, default=float(env("FEEDBACK_RETENTION_DAYS", "30")),
+                   help="unlabelled answers older than this are deleted; 0 keeps them (env FEEDBACK_RETENTION_DAYS)")
+    p.add_argument("--retention-mb", type=float, default=float(env("FEEDBACK_RETENTION_MB", "1024")),
+                   help="recorded inputs and uploads are kept under this size, oldest unlabelled deleted first; 0: no "
+                        "limit (env FEEDBACK_RETENTION_MB)")
+    p.add_argument("--spool-mb", type=float, default=float(env("FEEDBACK_SPOOL_MB", "256")),
+                   help="per replica, answers waiting for the recorder; beyond, new answers are not recorded (counted "
+                        "in RecordLost) (env FEEDBACK_SPOOL_MB)")
     return p
 
 
@@ -152,7 +172,9 @@ def stack_options(args) -> StackOptions:
                         model=args.model, replicas=args.replicas, public_inference=addr["inference"],
                         public_management=addr["management"], public_metrics=addr["metrics"], public_grpc=addr["grpc"],
                         max_body=int(props.get("max_request_size", 10 * 2**20)), large_bodies=args.large_bodies,
-                        photo_bodies=args.photo_bodies, access_log=args.access_log, ready_timeout_s=args.timeout)
+                        photo_bodies=args.photo_bodies, access_log=args.access_log, ready_timeout_s=args.timeout, record=args.record, store=args.store,
+                        keep_uploads=args.keep_uploads, review_share=args.review_share,
+                        retention_days=args.retention_days, retention_mb=args.retention_mb, spool_mb=args.spool_mb)
 
 
 def state(args) -> dict:
@@ -195,6 +217,7 @@ Serving '{args.model}' through the gateway with {args.replicas} TorchServe repli
   management  {ep.management}/models/{args.model}          (management key; /replicas lists the replicas)
   metrics     {ep.metrics}/metrics                      (for the scraper; every replica, labelled)
   v2 / gRPC   {ep.inference}/v2/models/{args.model}/infer   grpc {url(public_addresses(args)['grpc'])[7:]} (KServe's Open Inference Protocol)
+  feedback    {ep.inference}/feedback/{args.model}        (feedback key: labels for answers; /summary, /review)
   keys        {shown}  (service credentials; they do not expire)
 
 Call it:
@@ -245,14 +268,18 @@ def start(args) -> int:
            "--config", str(args.config), "--run-dir", str(args.run_dir), "--log-dir", str(args.log_dir),
            "--key-file", str(args.key_file), "--large-bodies", str(args.large_bodies),
            "--photo-bodies", str(args.photo_bodies), "--access-log", args.access_log, "--model", args.model,
-           "--timeout", str(args.timeout)] + (["--host", args.host] if args.host else []) + \
-          (["--ports", args.ports] if args.ports else []) + (["--mar", str(args.mar)] if args.mar else [])
+           "--timeout", str(args.timeout), "--review-share", str(args.review_share),
+           "--retention-days", str(args.retention_days), "--retention-mb", str(args.retention_mb),
+           "--spool-mb", str(args.spool_mb)] + (["--host", args.host] if args.host else []) + \
+          (["--ports", args.ports] if args.ports else []) + (["--mar", str(args.mar)] if args.mar else []) + \
+          ([] if args.record else ["--no-record"]) + (["--keep-uploads"] if args.keep_uploads else [])
     rules = monitoring(args)
     if rules is not None:
         print(f"alerts for {args.model}: {rules} (Prometheus config, rules and dashboard from its reference)")
     print(f"starting the gateway and {args.replicas} TorchServe replica(s); log: {log_path}")
+    env = {**os.environ, **({"FEEDBACK_STORE": args.store} if args.store else {})}  # a DSN's password stays out of `ps`
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + args.timeout * 1.5 + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -360,12 +387,13 @@ def leftover(args) -> None:
                 os.kill(pid, signal.SIGQUIT)
         except psutil.Error:
             pass
-    try:  # the gRPC service, if it is still ours
-        pid = st.get("grpc_pid")
-        if pid and "scripts.deploy.grpc_service" in " ".join(psutil.Process(pid).cmdline()):
-            os.kill(pid, signal.SIGTERM)
-    except psutil.Error:
-        pass
+    for key, module in (("grpc_pid", "scripts.deploy.grpc_service"), ("recorder_pid", "scripts.deploy.recorder")):
+        try:  # the gRPC service and the recorder, if they are still ours
+            pid = st.get(key)
+            if pid and module in " ".join(psutil.Process(pid).cmdline()):
+                os.kill(pid, signal.SIGTERM)
+        except psutil.Error:
+            pass
 
 
 def status(args) -> int:

@@ -21,7 +21,10 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
   and the Open Inference Protocol's server metadata (``/v2``) and model readiness
   (``/v2/models/<m>[/versions/<v>]/ready``: 200, 503, or 404 for what no replica serves);
 - runs KServe's gRPC service (scripts/deploy/grpc_service.py) behind the gateway's public gRPC
-  port, and restarts it when it dies.
+  port, and restarts it when it dies;
+- runs the recorder (scripts/deploy/recorder.py): every replica's workers append each answer to
+  their spool (run/spool/replica-<i>/, handler/record.py), the recorder ingests it into the feedback
+  store and serves ``/feedback`` behind the gateway; restarted when it dies, its metrics merged.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from handler.record import RECORD_ENV
 from handler.request import PROBE_HEADER
 from scripts.deploy.gateway import (
+    FEEDBACK_SOCKET,
     GRPC_SOCKET,
     Gateway,
     GatewaySettings,
@@ -91,6 +96,16 @@ class StackOptions:
     access_log: str = "file"  # or "stdout"
     ready_timeout_s: float = 240.0
     replica_overrides: dict[str, str] = field(default_factory=dict)
+    record: bool = True  # every answer recorded, /feedback served (the recorder); False: neither
+    store: str | None = None  # a PostgreSQL DSN, or an SQLite file; None: <run>/feedback.sqlite3
+    keep_uploads: bool = False  # keep the raw upload of the answers in the review sample
+    review_share: float = 0.05  # share of confident answers drawn into the review sample
+    spool_mb: float = 256.0  # per replica: answers waiting for the recorder, at most (then dropped and counted)
+    retention_days: float = 30.0  # unlabelled answers older than this are deleted
+    retention_mb: float = 1024.0  # the recorded inputs and uploads are kept under this size
+
+    def store_location(self) -> str:
+        return self.store or str(self.run_dir / "feedback.sqlite3")
 
 
 @dataclass
@@ -121,12 +136,13 @@ class GrpcService:
         self.command = [sys.executable, "-m", "scripts.deploy.grpc_service", "--socket", str(self.socket),
                         "--upstream", upstream, "--max-message", str(max_message + 2**16)]
         self.proc: subprocess.Popen | None = None
+        self.env: dict | None = None
 
     def start(self, timeout: float = 30.0) -> int:
         self.socket.unlink(missing_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -150,14 +166,60 @@ class GrpcService:
             self.proc.wait(5)
 
 
+class RecorderService(GrpcService):
+    """scripts/deploy/recorder.py, a child of the supervisor on run/feedback.sock (the gateway's /feedback proxies to it)."""
+
+    name = "the recorder"
+
+    def __init__(self, opts: StackOptions):
+        self.socket = opts.run_dir / FEEDBACK_SOCKET
+        self.log = opts.log_dir / "recorder.log"
+        self.command = [sys.executable, "-m", "scripts.deploy.recorder", "--spool", str(opts.run_dir / "spool"),
+                        "--socket", str(self.socket),
+                        "--retention-days", str(opts.retention_days), "--retention-mb", str(opts.retention_mb)]
+        self.env = {**os.environ, "FEEDBACK_STORE": opts.store_location()}  # a DSN's password stays out of `ps`
+        self.proc = None
+
+    def metrics(self) -> str:
+        """Its /metrics text (the feedback counters from the store, its own), or "" when it does not answer."""
+        import http.client
+        import socket as socketlib
+
+        conn = http.client.HTTPConnection("recorder", timeout=5)
+        try:
+            conn.sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            conn.sock.settimeout(5)
+            conn.sock.connect(str(self.socket))
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            return resp.read().decode() if resp.status == 200 else ""
+        except (OSError, http.client.HTTPException):
+            return ""
+        finally:
+            conn.close()
+
+
+def record_settings(opts: StackOptions, index: int) -> Path:
+    """run/record-<i>.json: where replica i's workers spool their answers (handler/record.py reads it)."""
+    path = opts.run_dir / f"record-{index}.json"
+    write_private(path, json.dumps({"spool": str(opts.run_dir / "spool" / f"replica-{index}"),
+                                    "max_spool_bytes": int(opts.spool_mb * 2**20), "review_share": opts.review_share,
+                                    "keep_uploads": opts.keep_uploads}, indent=2))
+    return path
+
+
 class Stack:
     def __init__(self, opts: StackOptions):
         self.opts = opts
-        self.replicas = [Replica(i, opts.run_dir, opts.model_store, opts.replica_overrides) for i in range(opts.replicas)]
+        env = (lambda i: {RECORD_ENV: str(opts.run_dir / f"record-{i}.json")}) if opts.record else (lambda i: {})
+        self.replicas = [Replica(i, opts.run_dir, opts.model_store, opts.replica_overrides, env(i))
+                         for i in range(opts.replicas)]
         self.health = {r.index: Health() for r in self.replicas}
         self.gateway: Gateway | None = None
         self.grpc: GrpcService | None = None
         self.grpc_restarts = 0
+        self.recorder: RecorderService | None = None
+        self.recorder_restarts = 0
         self.models: dict[int, dict[str, dict[str, bool]]] = {}  # replica -> model -> version -> a worker is READY
         self.hops: dict[int, Hop] = {}
         self.capacity: capacity_mod.Capacity | None = None
@@ -184,6 +246,11 @@ class Stack:
             opts.run_dir.chmod(0o700)
         setup_logging(opts.log_dir)
         self.keys = service_keys(opts.key_file)  # a bad key file fails here, before anything starts
+        if opts.record:  # the recorder first: the workers' first answers are read as soon as they are spooled
+            for r in self.replicas:
+                record_settings(opts, r.index)
+            self.recorder = RecorderService(opts)
+            self.recorder.start()
         log.info("starting %d replica(s) of %s", len(self.replicas), opts.model)
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(lambda r: r.launch(), self.replicas))
@@ -236,6 +303,8 @@ class Stack:
 
         with ThreadPoolExecutor(max(1, len(self.replicas))) as pool:
             list(pool.map(stop_one, self.replicas))
+        if self.recorder is not None:
+            self.recorder.stop(timeout=30)  # after the replicas: its last pass reads what their workers wrote
         if self.status_server is not None:
             self.status_server.shutdown()
             self.status_server.server_close()
@@ -249,7 +318,8 @@ class Stack:
         return GatewaySettings(run_dir=o.run_dir, log_dir=o.log_dir, public_inference=o.public_inference,
                                public_management=o.public_management, public_metrics=o.public_metrics,
                                max_body=o.max_body, capacity=self.capacity, large_bodies=o.large_bodies, photo_bodies=o.photo_bodies, access_log=o.access_log,
-                               replicas=[r.index for r in self.replicas], public_grpc=o.public_grpc)
+                               replicas=[r.index for r in self.replicas], public_grpc=o.public_grpc,
+                               feedback="" if o.record else "recording is off in this stack (serve run --no-record)")
 
     def hop_settings(self, replica: Replica, ready: set[int]) -> HopSettings:
         """Its current route (or the last known one, mid-restart) and whether it is in rotation."""
@@ -299,6 +369,7 @@ class Stack:
         write_private(path.with_name("state.json.new"),
                       json.dumps({**state, "model": self.opts.model, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
                                   "grpc_pid": self.grpc.pid() if self.grpc else None,
+                                  "recorder_pid": self.recorder.pid() if self.recorder else None,
                                   "hop_pids": [hop.pid() for hop in self.hops.values()]}, indent=2))
         os.replace(path.with_name("state.json.new"), path)
 
@@ -316,6 +387,8 @@ class Stack:
                     self.restart_nginx(nginx)
             if self.grpc is not None and self.grpc.pid() is None and not self.stopping.is_set():
                 self.restart_grpc()
+            if self.recorder is not None and self.recorder.pid() is None and not self.stopping.is_set():
+                self.restart_recorder()
             if time.monotonic() >= next_probe:
                 self.probe_all()
                 self.count_responses()
@@ -342,6 +415,15 @@ class Stack:
         except Exception:
             log.exception("%s did not restart; trying again", self.grpc.name)
 
+    def restart_recorder(self) -> None:
+        self.recorder_restarts += 1
+        log.error("%s is gone: restarting it (restart %d)", self.recorder.name, self.recorder_restarts)
+        try:
+            self.recorder.start()
+            self.publish()
+        except Exception:
+            log.exception("%s did not restart; trying again", self.recorder.name)
+
     def count_responses(self) -> None:
         """Add the access log's new lines to ``gateway_http_responses_total`` (what clients were answered)."""
         path = self.opts.log_dir / "gateway_access.log"
@@ -361,7 +443,10 @@ class Stack:
         for line in data[:end].splitlines():
             try:
                 entry = json.loads(line)
-                key = (self._apis.get(str(entry["server"]), "other"), str(entry["status"]))
+                api = self._apis.get(str(entry["server"]), "other")
+                if str(entry.get("uri", "")).startswith("/feedback/"):  # labels, not predictions: counted apart
+                    api = "feedback"
+                key = (api, str(entry["status"]))
             except (ValueError, KeyError, TypeError):
                 continue
             self.responses[key] = self.responses.get(key, 0) + 1
@@ -507,10 +592,14 @@ class Stack:
                 "from its access log.", "# TYPE gateway_http_responses_total counter"]
         own += [f'gateway_http_responses_total{{api="{api}",code="{code}"}} {n}'
                 for (api, code), n in sorted(self.responses.items())]
+        if self.recorder is not None:
+            own += ["# HELP gateway_recorder_restarts_total Restarts of the recorder (scripts/deploy/recorder.py).",
+                    "# TYPE gateway_recorder_restarts_total counter", f"gateway_recorder_restarts_total {self.recorder_restarts}"]
         if self.capacity is not None:
             own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/ops/capacity.py).",
                     "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]
-        return merge_metrics(texts) + "\n".join(own) + "\n"
+        recorded = self.recorder.metrics() if self.recorder is not None else ""
+        return merge_metrics(texts) + "\n".join(own) + "\n" + recorded
 
     def start_status_server(self) -> None:
         sock = self.opts.run_dir / "supervisor.sock"

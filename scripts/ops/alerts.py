@@ -18,7 +18,10 @@ Where every number comes from:
   the stage-latency budget's base;
 - ``config.properties``: the metrics address Prometheus scrapes (the gateway's);
 - ``Policy`` below: the service choices no reference can give (error and rejection
-  ratios, the z of the rate bounds), in one place.
+  ratios, the z of the rate bounds), in one place;
+- ``scripts/ops/feedback.py``: the held-out accuracy per flag of the served model (measured on the
+  held-out split, written to ``feedback_reference.json``) and the test of labelled accuracy against it,
+  which ``ctl feedback`` runs too.
 
 The rules are generated as PromQL with the reference's numbers as constants; the
 dashboard's panels query the recorded series and draw the alerts' own thresholds, so
@@ -29,6 +32,7 @@ the committed files byte for byte, runs ``promtool check`` and ``promtool test r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.ops import drift
+from scripts.ops import drift, feedback
 from scripts.ops.tsclient import REPO, read_properties
 
 OUT = REPO / "deploy" / "monitoring"
@@ -68,6 +72,8 @@ class Timing:
     restart_window: str = "15m"  # restarts counted over
     for_quality: str = "5m"  # a quality condition must hold this long
     for_ops: str = "2m"
+    feedback_window: str = "6h"  # labels come at a person's pace: the labelled-accuracy test looks this far back
+    for_feedback: str = "15m"
     scrape_interval: str = "15s"
     evaluation_interval: str = "15s"
 
@@ -82,6 +88,8 @@ class Policy:
     rejection_ratio: float = 0.25  # one rejection reason's share of all requests
     min_rejections: int = 20
     latency_fraction: float = 0.25  # a stage's p99 budget = this x responseTimeout (TorchServe kills the worker there)
+    feedback_z: float = feedback.Z  # labelled accuracy below the reference: one-sided z of the test (feedback.py)
+    feedback_min_expected_errors: float = feedback.MIN_EXPECTED_ERRORS  # fewer expected errors: no verdict
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,22 @@ class Source:
     response_timeout_s: float
     target: str  # host:port Prometheus scrapes
     origin: str  # the file read (for the headers)
+    feedback_reference: dict | None = None  # feedback.reference_accuracy: held-out accuracy per flag of the served model
+
+
+@functools.lru_cache(maxsize=4)
+def _feedback_reference(model_path: str, mtime: float, model_config: str, data: str | None) -> str:
+    return json.dumps(feedback.reference_accuracy(Path(model_path), Path(model_config), Path(data) if data else None))
+
+
+def feedback_reference(model_path: Path, model_config: Path, data: Path | None) -> dict:
+    """The held-out accuracy per flag (measured once per process for a given model file)."""
+    return json.loads(_feedback_reference(str(model_path), Path(model_path).stat().st_mtime, str(model_config),
+                                          str(data) if data else None))
 
 
 def load_source(model_path: Path = DEFAULT_MODEL, model_config: Path = MODEL_CONFIG, config: Path = CONFIG,
-                target: str | None = None) -> Source:
+                target: str | None = None, data: Path | None = None) -> Source:
     """The spec and reference from a TorchScript file or a .mar, as the handler reads them."""
     from handler.loader import read_model
 
@@ -110,10 +130,13 @@ def load_source(model_path: Path = DEFAULT_MODEL, model_config: Path = MODEL_CON
             name = manifest["model"]["modelName"]
             packaged = [p for p in Path(tmp).glob("*.yaml") if "responseTimeout" in p.read_text()]
             cfg = yaml.safe_load(packaged[0].read_text()) if packaged else yaml.safe_load(model_config.read_text())
+            measured = feedback.reference_accuracy(Path(tmp) / manifest["model"]["serializedFile"],
+                                                   packaged[0] if packaged else model_config, data)
     else:
         artifact = read_model(model_path)
         name = artifact.spec.name
         cfg = yaml.safe_load(model_config.read_text())
+        measured = feedback_reference(model_path, model_config, data)
     if not artifact.reference:
         raise SystemExit(f"{model_path} carries no reference.json: nothing to derive thresholds from")
     if target is None:
@@ -124,7 +147,7 @@ def load_source(model_path: Path = DEFAULT_MODEL, model_config: Path = MODEL_CON
     except ValueError:
         origin = model_path.name
     return Source(name, tuple(artifact.spec.class_names), artifact.reference, float(cfg.get("responseTimeout", 120)),
-                  target, origin)
+                  target, origin, measured)
 
 
 # --- numbers derived from the reference -----------------------------------------------------
@@ -176,6 +199,7 @@ class Derived:
     ood_max: float | None
     ood_ref_smoothed: tuple[float, float] | None  # (in, out)
     p99_budget_s: float
+    feedback_p: dict[str, float] = field(default_factory=dict)  # held-out accuracy per tested flag (feedback.TESTED)
 
 
 def derive(src: Source, policy: Policy) -> Derived:
@@ -206,6 +230,7 @@ def derive(src: Source, policy: Policy) -> Derived:
         ood_max=None if ood is None else ood + policy.z * math.sqrt(ood * (1 - ood) / n),
         ood_ref_smoothed=None if ood is None else tuple(drift.shares([n_ref * (1 - ood), n_ref * ood])),
         p99_budget_s=policy.latency_fraction * src.response_timeout_s,
+        feedback_p=feedback.reference_shares(src.feedback_reference) if src.feedback_reference else {},
     )
 
 
@@ -269,6 +294,7 @@ class Monitoring:
     service_rules: list[Record]
     alerts: list[Alert]
     panels: list[Panel]
+    feedback_rules: list[Record] = field(default_factory=list)
 
 
 # recorded series (names follow level:metric:operation)
@@ -303,6 +329,22 @@ STAGE_P99 = "model_version_stage:latency_seconds:p99"
 REPLICA_RESTARTS = "replica:replica_restarts:increase"
 WORKER_RESTARTS = "replica:worker_restarts:changes"
 GATEWAY_RESTARTS = "job:gateway_restarts:increase"
+FB_REF = "model_flag:feedback_reference_accuracy"
+FB_LABELLED = "model_version_flag:feedback_labelled:increase"
+FB_CORRECT = "model_version_flag:feedback_correct:increase"
+FB_FLAG_ACC = "model_version_flag:feedback_accuracy:ratio"
+FB_LABEL_ACC = "model_version_label:feedback_accuracy:ratio"
+FB_ACC = "model_version:feedback_accuracy:ratio"
+FB_TESTED = "model_version:feedback_tested_labelled:increase"
+FB_TESTED_CORRECT = "model_version:feedback_tested_correct:increase"
+FB_EXPECTED = "model_version:feedback_expected_correct:increase"
+FB_VARIANCE = "model_version:feedback_expected_variance:increase"
+FB_Z = "model_version:feedback_accuracy:z"
+FB_TESTED_ACC = "model_version:feedback_tested_accuracy:ratio"
+FB_EXPECTED_ACC = "model_version:feedback_expected_accuracy:ratio"
+FB_ERRORS = "model_version:feedback_expected_errors:increase"
+FB_STORE_UP = "job:feedback_store_up:min"
+RECORD_LOST = "model_version:record_lost:increase"
 MV = "ModelName, ModelVersion"
 
 
@@ -387,6 +429,33 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
         Record(REPLICA_RESTARTS, f"sum by (replica) (increase(gateway_replica_restarts_total[{rw}]))"),
         Record(WORKER_RESTARTS, f"sum by (replica) (changes(WorkerLoadTime[{rw}]))"),
         Record(GATEWAY_RESTARTS, f"sum(increase(gateway_restarts_total[{rw}]))"),
+    ]
+
+    # Labelled accuracy (scripts/ops/feedback.py): the recorder's counters come from the store, the same in every
+    # recorder that shares it, so they are deduplicated with max (not summed) across instances.
+    fw = timing.feedback_window
+    for flag_name, p in d.feedback_p.items():
+        reference.append(Record(FB_REF, f"vector({num(p)})", {"ModelName": m, "Flag": flag_name}))
+
+    def dedup(metric: str, by: str) -> str:
+        return f"sum by ({MV}, {by}) (max by ({MV}, Flag, Label) (increase({metric}{{{sel}}}[{fw}])))"
+
+    feedback_rules = [
+        Record(FB_LABELLED, dedup("feedback_labelled_total", "Flag")),
+        Record(FB_CORRECT, dedup("feedback_correct_total", "Flag")),
+        Record(FB_FLAG_ACC, f"{FB_CORRECT} / ({FB_LABELLED} > 0)"),
+        Record(FB_LABEL_ACC, f'{dedup("feedback_correct_total", "Label")} / ({dedup("feedback_labelled_total", "Label")} > 0)'),
+        Record(FB_ACC, f"sum by ({MV}) ({FB_CORRECT}) / (sum by ({MV}) ({FB_LABELLED}) > 0)"),
+        Record(FB_TESTED, f"sum by ({MV}) ({FB_LABELLED} and on(ModelName, Flag) {FB_REF})"),
+        Record(FB_TESTED_CORRECT, f"sum by ({MV}) ({FB_CORRECT} and on(ModelName, Flag) {FB_REF})"),
+        Record(FB_EXPECTED, f"sum by ({MV}) ({FB_LABELLED} * on(ModelName, Flag) group_left {FB_REF})"),
+        Record(FB_VARIANCE, f"sum by ({MV}) ({FB_LABELLED} * on(ModelName, Flag) group_left() ({FB_REF} * (1 - {FB_REF})))"),
+        Record(FB_ERRORS, f"{FB_TESTED} - {FB_EXPECTED}"),
+        Record(FB_Z, f"({FB_EXPECTED} - {FB_TESTED_CORRECT}) / sqrt({FB_VARIANCE} > 0)"),
+        Record(FB_TESTED_ACC, f"{FB_TESTED_CORRECT} / ({FB_TESTED} > 0)"),
+        Record(FB_EXPECTED_ACC, f"{FB_EXPECTED} / ({FB_TESTED} > 0)"),
+        Record(FB_STORE_UP, "min(recorder_store_up)"),
+        Record(RECORD_LOST, f"sum by ({MV}) (increase(RecordLost{{{sel}}}[{ow}]))"),
     ]
 
     fq, fo = timing.for_quality, timing.for_ops
@@ -501,6 +570,41 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
               f"The supervisor restarted the nginx gateway or a replica's hop in the last {rw}.",
               f"`gateway_restarts_total` increased over {rw}", "any restart",
               "logs/supervisor.log (which nginx, and when) and run/error.log, which the gateway and the hops share"),
+    ]
+    if d.feedback_p:
+        ref_text = ", ".join(f"{f} {num(p)}" for f, p in d.feedback_p.items())
+        fb = src.feedback_reference or {}
+        alerts.append(Alert(
+            "LabelledAccuracyLow",
+            f"{FB_Z} >= {num(policy.feedback_z)} and on({MV}) {FB_ERRORS} >= {num(policy.feedback_min_expected_errors)}",
+            timing.for_feedback, "critical",
+            f"{model_v}: answers labelled in the last {fw} were right significantly less often than the same kind of "
+            f"answers on the held-out split (z >= {num(policy.feedback_z)}).",
+            f"the labelled confident and uncertain answers of the last {fw}, each against its flag's held-out accuracy: "
+            f"z = (expected right - right) / sd >= {num(policy.feedback_z)}, with at least "
+            f"{num(policy.feedback_min_expected_errors)} wrong answers expected (else `ctl feedback`: INSUFFICIENT); "
+            "out-of-distribution answers are reported apart, not tested",
+            f"held-out accuracy per flag of the served model ({fb.get('precision', '?')}, measured on the {fb.get('n', '?')}-image "
+            f"held-out split, `feedback_reference.json`): {ref_text}; z = Policy.feedback_z {num(policy.feedback_z)} "
+            "(one-sided, 1 false alarm in 1000 tests)",
+            "`ctl feedback` for the figures per flag and class; look at the recent labelled answers (`ctl export-labelled`) "
+            "for what changed (new products, camera, a drifting class: `ctl drift`); roll back a new version "
+            "(`ctl set-default`); retrain with the labelled set (`make train ADD=...`)", ("ModelName", "ModelVersion")))
+    alerts += [
+        Alert("RecordingLost", f"{RECORD_LOST} > 0", fo, "warning",
+              f"{model_v}: answers of the last {ow} were served but not recorded (the spool is full or cannot be "
+              "written): their labels cannot be taken.",
+              f"`RecordLost` increased over {ow} (handler/record.py counts every answer it could not spool, by reason)",
+              "any loss",
+              "the recorder or its store is down (FeedbackStoreDown, logs/recorder.log, `recorder_spool_bytes`); a full "
+              "disk (`write_error`); predictions are not affected", ("ModelName", "ModelVersion")),
+        Alert("FeedbackStoreDown", f"{FB_STORE_UP} == 0", fo, "warning",
+              "The recorder cannot reach the feedback store: answers wait in the spool (until it is full) and "
+              "labels are refused with 503.",
+              "`recorder_store_up` = 0 (the recorder could not read the store for the scrape)",
+              "the store answers",
+              "logs/recorder.log says why; PostgreSQL: is it up and is the DSN (FEEDBACK_STORE) right? SQLite: disk "
+              "space and permissions of run/feedback.sqlite3"),
         Alert("MetricsEndpointDown", f'up{{job="{JOB}"}} == 0', fo, "critical",
               "Prometheus cannot scrape the gateway's metrics port: the stack is down or unreachable, and no "
               "other alert can fire.",
@@ -539,7 +643,26 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
                            (GATEWAY_RESTARTS, "gateway")], "none", [1.0], f"over {rw}",
               ("ReplicaRestarting", "WorkerRestarting", "GatewayRestarting")),
     ]
-    return Monitoring(src, timing, policy, d, reference, quality, service, alerts, panels)
+    if d.feedback_p:
+        panels += [
+            Panel(f"Labelled accuracy over {fw} vs the held-out reference",
+                  [(FB_TESTED_ACC, "{{ModelVersion}} labelled (confident + uncertain)"),
+                   (FB_EXPECTED_ACC, "{{ModelVersion}} held-out, same mix"),
+                   (FB_FLAG_ACC, "{{ModelVersion}} {{Flag}}")], "percentunit", [],
+                  "right / labelled per flag; the held-out line is what the same mix of flags scores on the held-out split"),
+            Panel("Labelled accuracy test (z)", [(FB_Z, "{{ModelVersion}}")], "none", [policy.feedback_z],
+                  f"LabelledAccuracyLow fires at z >= {num(policy.feedback_z)} with >= "
+                  f"{num(policy.feedback_min_expected_errors)} expected errors", ("LabelledAccuracyLow",)),
+            Panel(f"Labelled accuracy per class (label given) over {fw}", [(FB_LABEL_ACC, "{{ModelVersion}} {{Label}}")],
+                  "percentunit", [], "no alert: a class with few labels is noise"),
+            Panel("Labels per flag", [(FB_LABELLED, "{{ModelVersion}} {{Flag}}")], "none", [], f"over {fw}"),
+        ]
+    panels += [
+        Panel("Answers not recorded; feedback store up", [(RECORD_LOST, "{{ModelVersion}} lost"),
+                                                          (FB_STORE_UP, "store up")], "none", [],
+              f"lost answers over {ow}", ("RecordingLost", "FeedbackStoreDown")),
+    ]
+    return Monitoring(src, timing, policy, d, reference, quality, service, alerts, panels, feedback_rules)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -564,8 +687,10 @@ def recording_rules(mon: Monitoring) -> str:
         {"name": f"{m}.reference", "rules": [r.to_yaml() for r in mon.reference_rules]},
         {"name": f"{m}.quality", "rules": [r.to_yaml() for r in mon.quality_rules]},
         {"name": f"{m}.service", "rules": [r.to_yaml() for r in mon.service_rules]},
+        {"name": f"{m}.feedback", "rules": [r.to_yaml() for r in mon.feedback_rules]},
     ]
-    note = (f"# Windows: model quality {t.window}, service {t.ops_window}, restarts {t.restart_window}.\n")
+    note = (f"# Windows: model quality {t.window}, service {t.ops_window}, restarts {t.restart_window}, "
+            f"labelled feedback {t.feedback_window}.\n")
     return HEADER.format(source=mon.source.origin) + note + _yaml({"groups": groups})
 
 
@@ -619,8 +744,9 @@ def docs_table(mon: Monitoring) -> str:
 
     lines = [DOCS_BEGIN, "",
              f"Thresholds as generated from `{mon.source.origin}` with the production timing (quality window "
-             f"{mon.timing.window}, service window {mon.timing.ops_window}, `for:` {mon.timing.for_quality} / "
-             f"{mon.timing.for_ops}).", "",
+             f"{mon.timing.window}, service window {mon.timing.ops_window}, labelled-feedback window "
+             f"{mon.timing.feedback_window}, `for:` {mon.timing.for_quality} / {mon.timing.for_ops} / "
+             f"{mon.timing.for_feedback}).", "",
              "| alert | severity | fires when | threshold (where it comes from) | what to do |",
              "|---|---|---|---|---|"]
     for a in mon.alerts:
@@ -641,6 +767,8 @@ def render_all(mon: Monitoring) -> dict[str, str]:
         "alerting_rules.yml": alerting_rules(mon),
         "grafana-dashboard.json": dashboard(mon),
         "tests/alerts_test.yml": promtool_tests(mon),
+        "tests/feedback_alerts_test.yml": promtool_tests(mon, scenario_list=feedback_scenarios(mon), step=5),
+        "feedback_reference.json": json.dumps(mon.source.feedback_reference, indent=2) + "\n",
     }
 
 
@@ -776,6 +904,7 @@ class Scenario:
     name: str
     series: list[dict]
     expected: list[tuple[str, dict[str, str]]]  # (alert, labels without alertname/severity)
+    minutes: int | None = None  # the series' length (default: promtool_tests'); evaluated 5 minutes before its end
 
 
 def drift_expectations(mon: Monitoring, stream: Stream, window_min: float, version: str = "1.0") -> list:
@@ -832,17 +961,88 @@ def scenarios(mon: Monitoring, minutes: int = 30) -> list[Scenario]:
         Scenario("metrics endpoint down", service_series(mon, minutes, up=0),
                  [("MetricsEndpointDown", {"instance": mon.source.target, "job": JOB})]),
     ]
+    out.append(Scenario("answers not recorded, the store down", stream_series(mon, like, minutes) + healthy + [
+        {"series": f'RecordLost{{replica="0",ModelName="{m}",ModelVersion="1.0",Reason="spool_full",Hostname="vm",'
+                   f'instance="{mon.source.target}",job="{JOB}"}}', "values": f"0+3x{minutes}"},
+        {"series": f'recorder_store_up{{instance="{mon.source.target}",job="{JOB}"}}', "values": f"0x{minutes}"}],
+        drift_expectations(mon, like, window) + [("RecordingLost", base), ("FeedbackStoreDown", {})]))
     return out
 
 
+def feedback_scenarios(mon: Monitoring, step: int = 5) -> list[Scenario]:
+    """Label streams over the feedback window (hours): their own test file, sampled and evaluated every ``step``
+    minutes (every minute for hours of series would make promtool take many times longer for the same verdicts)."""
+    if not mon.derived.feedback_p:
+        return []
+    long = int(_duration_minutes(mon.timing.feedback_window)) + 8 * step
+    return [Scenario(name, feedback_series(mon, stream, long, step=step), feedback_expectations(mon, stream), minutes=long)
+            for name, stream in label_streams(mon).items()]
+
+
+@dataclass
+class LabelStream:
+    """Labels per minute per flag of the answer: (labelled, right)."""
+
+    per_minute: dict[str, tuple[float, float]]
+
+
+def label_streams(mon: Monitoring) -> dict[str, LabelStream]:
+    p = mon.derived.feedback_p
+    like = {f: (rate, rate * p[f]) for f, rate in (("confident", 10.0), ("uncertain", 2.0)) if f in p}
+    like["out_of_distribution"] = (0.5, 0.0)  # non-garments labelled as such: reported apart, never tested
+    worse = {f: (n, max(0.0, c - 0.12 * n)) if f in p else (n, c) for f, (n, c) in like.items()}
+    window = _duration_minutes(mon.timing.feedback_window)
+    sd = math.sqrt(sum(n * window * p[f] * (1 - p[f]) for f, (n, _) in like.items() if f in p))
+
+    def shifted(z: float) -> dict:  # the confident answers' right ones lowered until the test's z is about z
+        n, c = like["confident"]
+        return {**like, "confident": (n, c - z * sd / window)}
+
+    return {
+        "labels like the held-out split: no labelled-accuracy alert": LabelStream(like),
+        "labels the model gets wrong more often than on the held-out split: LabelledAccuracyLow": LabelStream(worse),
+        f"labels slightly worse than held-out (z ~ {num(mon.policy.feedback_z - 0.6)}): not significant, no alert":
+            LabelStream(shifted(mon.policy.feedback_z - 0.6)),
+        f"labels worse than held-out (z ~ {num(mon.policy.feedback_z + 0.6)}): LabelledAccuracyLow":
+            LabelStream(shifted(mon.policy.feedback_z + 0.6)),
+        "a few labels, all wrong: no verdict": LabelStream({"confident": (0.01, 0.0)}),
+    }
+
+
+def feedback_series(mon: Monitoring, stream: LabelStream, minutes: int, version: str = "1.0", step: int = 1) -> list[dict]:
+    """The recorder's counters (on the gateway's /metrics) for a label stream, and its store up, every ``step`` minutes."""
+    base = f'ModelName="{mon.source.model}",ModelVersion="{version}",instance="{mon.source.target}",job="{JOB}"'
+    samples = minutes // step
+    series = [{"series": f'recorder_store_up{{instance="{mon.source.target}",job="{JOB}"}}', "values": f"1x{samples}"},
+              {"series": f'up{{instance="{mon.source.target}",job="{JOB}"}}', "values": f"1x{samples}"}]
+    for flag_name, (n, c) in stream.per_minute.items():
+        for metric, rate in (("feedback_labelled_total", n), ("feedback_correct_total", c)):
+            series.append({"series": f'{metric}{{{base},Flag="{flag_name}",Label="Coat"}}',
+                           "values": f"0+{num(rate * step)}x{samples}"})
+    return series
+
+
+def feedback_verdict(mon: Monitoring, stream: LabelStream) -> dict:
+    """``ctl feedback``'s test on one window of the stream (the same function, on the same counts)."""
+    window = _duration_minutes(mon.timing.feedback_window)
+    counts = {f: (n * window, c * window) for f, (n, c) in stream.per_minute.items()}
+    return feedback.test(counts, mon.derived.feedback_p, mon.policy.feedback_z, mon.policy.feedback_min_expected_errors)
+
+
+def feedback_expectations(mon: Monitoring, stream: LabelStream, version: str = "1.0") -> list:
+    if feedback_verdict(mon, stream)["verdict"] == "BELOW":
+        return [("LabelledAccuracyLow", {"ModelName": mon.source.model, "ModelVersion": version})]
+    return []
+
+
 def promtool_tests(mon: Monitoring, minutes: int = 30, scenario_list: Sequence[Scenario] | None = None,
-                   rule_dir: str = "..", alert_names: Sequence[str] | None = None) -> str:
+                   rule_dir: str = "..", alert_names: Sequence[str] | None = None, step: int = 1) -> str:
     """A ``promtool test rules`` file: every alert (or those named) checked in every scenario: fires exactly as
     expected, or stays silent."""
     alerts = {a.name: a for a in mon.alerts if alert_names is None or a.name in alert_names}
-    eval_time = f"{minutes - 5}m"
     tests = []
     for sc in scenario_list if scenario_list is not None else scenarios(mon, minutes):
+        eval_time = f"{(sc.minutes or minutes) - 5}m"
         checks = []
         for name, alert in alerts.items():
             exp = []
@@ -851,9 +1051,9 @@ def promtool_tests(mon: Monitoring, minutes: int = 30, scenario_list: Sequence[S
                     full = {**labels, "severity": alert.severity}
                     exp.append({"exp_labels": full, "exp_annotations": _render_summary(alert, full)})
             checks.append({"eval_time": eval_time, "alertname": name, "exp_alerts": exp})
-        tests.append({"name": sc.name, "interval": "1m", "input_series": sc.series, "alert_rule_test": checks})
+        tests.append({"name": sc.name, "interval": f"{step}m", "input_series": sc.series, "alert_rule_test": checks})
     doc = {"rule_files": [f"{rule_dir}/recording_rules.yml", f"{rule_dir}/alerting_rules.yml"],
-           "evaluation_interval": "1m", "tests": tests}
+           "evaluation_interval": f"{step}m", "tests": tests}
     return HEADER.format(source=mon.source.origin) + _yaml(doc)
 
 
@@ -871,7 +1071,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None, help="quality window (default 10m); --ops-window, --restart-window too")
     p.add_argument("--ops-window", default=None)
     p.add_argument("--restart-window", default=None)
+    p.add_argument("--feedback-window", default=None, help="window of the labelled-accuracy test (default 6h)")
     p.add_argument("--for", dest="for_", default=None, help="every alert's `for:` (tests: 0s)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the training data whose held-out split gives the labelled-accuracy reference "
+                        "(default: the shared Fashion-MNIST subset, as scripts.train.train splits it)")
     p.add_argument("--scrape-interval", default=None)
     p.add_argument("--evaluation-interval", default=None)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file would change")
@@ -881,15 +1085,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def timing_from(args: argparse.Namespace) -> Timing:
     t = Timing()
     changes = {k: v for k, v in {"window": args.window, "ops_window": args.ops_window,
-                                 "restart_window": args.restart_window, "scrape_interval": args.scrape_interval,
+                                 "restart_window": args.restart_window, "feedback_window": args.feedback_window,
+                                 "scrape_interval": args.scrape_interval,
                                  "evaluation_interval": args.evaluation_interval}.items() if v}
     if args.for_:
-        changes.update(for_quality=args.for_, for_ops=args.for_)
+        changes.update(for_quality=args.for_, for_ops=args.for_, for_feedback=args.for_)
     return replace(t, **changes)
 
 
 def generate(args: argparse.Namespace) -> dict[Path, str]:
-    src = load_source(args.model, args.model_config, args.config, args.target)
+    src = load_source(args.model, args.model_config, args.config, args.target, args.data)
     mon = build(src, timing_from(args))
     files = {args.out / name: text for name, text in render_all(mon).items()}
     docs = args.docs if args.docs is not None else (DOCS if args.out.resolve() == OUT.resolve() else None)

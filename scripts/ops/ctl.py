@@ -8,6 +8,8 @@
     python -m scripts.ops.ctl health                          # exit 0 when healthy, 1 otherwise
     python -m scripts.ops.ctl metrics [--save snap.prom]      # predictions per label, confidence, rejections, latency
     python -m scripts.ops.ctl drift --window 300              # live vs training-time reference, PSI verdict
+    python -m scripts.ops.ctl feedback                        # labelled accuracy per version vs the held-out reference
+    python -m scripts.ops.ctl export-labelled --out DIR       # the labelled answers as a class-per-folder tree
 
 Every command reads the keys from key_file.json in --workdir (default: the folder
 of --config, which is where `make serve` starts TorchServe) and, when a key has
@@ -29,7 +31,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from scripts.ops import capacity, drift
+from scripts.ops import capacity, drift, feedback
 from scripts.ops.capacity import Capacity
 from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
@@ -460,6 +462,51 @@ def cmd_drift(args) -> int:
     return 1 if failed else 0
 
 
+# --- labelled feedback ---------------------------------------------------------------
+FEEDBACK_REFERENCE = REPO / "deploy" / "monitoring" / "feedback_reference.json"
+
+
+def cmd_feedback(args) -> int:
+    """Labelled accuracy per version (the management port's /feedback/<model>/summary) against the held-out reference."""
+    summary = connect(args).feedback_summary(args.model)
+    reference = feedback.load_reference(args.reference) if args.reference and args.reference.exists() else None
+    rep = feedback.report(summary, reference)
+    print(json.dumps(rep, indent=2) if args.json else feedback.render(rep))
+    return 1 if any(v["test"]["verdict"] == "BELOW" for v in rep["versions"].values()) else 0
+
+
+def cmd_export_labelled(args) -> int:
+    """Every labelled answer (its canonical input), page by page from /feedback/<model>/export, as a class-per-folder tree."""
+    client = connect(args)
+    items, after, classes = [], 0, None
+    while True:
+        page = client.request("management", "GET", f"/feedback/{args.model}/export",
+                              params={"after": after, "limit": 500}).json()
+        items += page["items"]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    if classes is None:
+        classes = feedback_classes(client, args.model, items)
+    counts = feedback.export_tree(items, classes, args.out, include_disputed=args.include_disputed)
+    print(f"{counts['written']} labelled images written to {args.out} (one folder per class, {feedback.CLASSES_FILE}, "
+          f"labels.jsonl); left out: {counts['not_a_garment']} not a garment, {counts['disputed']} disputed"
+          + (f", {counts['unknown_class']} of classes the model does not have" if counts["unknown_class"] else ""))
+    print(f"retrain with them: make train ADD={args.out}")
+    return 0
+
+
+def feedback_classes(client: TorchServeClient, model: str, items: list[dict]) -> list[str]:
+    """The model's class names, in order: from its description (a describe request), else from the labels seen."""
+    resp = client.request("inference", "POST", f"/predictions/{model}", data=b"{}", check=False,
+                          headers={"describe": "true", "Content-Type": "application/octet-stream"})
+    try:
+        return list(resp.json()["classes"])
+    except (ValueError, KeyError, TypeError):
+        pairs = sorted({(it["class_index"], it["label"]) for it in items if it["class_index"] is not None})
+        return [name for _, name in pairs]
+
+
 # --- CLI ----------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -518,6 +565,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--fail-on", choices=("alert", "warn"), default="alert", help="verdict that makes the exit code 1")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_drift)
+
+    s = sub.add_parser("feedback", parents=[common],
+                       help="labelled accuracy per version, by flag and class, vs the held-out reference (exit 1: BELOW)")
+    s.add_argument("--model", default=MODEL)
+    s.add_argument("--reference", type=Path, default=FEEDBACK_REFERENCE,
+                   help="held-out accuracy per flag (python -m scripts.ops.alerts writes it)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_feedback)
+
+    s = sub.add_parser("export-labelled", parents=[common],
+                       help="the labelled answers' canonical inputs as a class-per-folder tree (make train ADD=DIR)")
+    s.add_argument("--model", default=MODEL)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--include-disputed", action="store_true", help="also answers whose label a later labeller disputed")
+    s.set_defaults(func=cmd_export_labelled)
     return p
 
 

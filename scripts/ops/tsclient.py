@@ -151,15 +151,16 @@ class TorchServeClient:
     # --- requests ---------------------------------------------------------
     def request(self, api: str, method: str, path: str, *, check: bool = True, **kw) -> requests.Response:
         """Call ``api`` (inference / management / metrics) with the right key, renewing it once if expired."""
-        kind = {"inference": "inference", "management": "management"}.get(api)
-        url = getattr(self.endpoints, api) + path
+        kind = {"inference": "inference", "management": "management", "feedback": "feedback"}.get(api)
+        # "feedback": the gateway's /feedback routes on the inference address, with the feedback key
+        url = (self.endpoints.inference if api == "feedback" else getattr(self.endpoints, api)) + path
         headers = dict(kw.pop("headers", None) or {})
         timeout = kw.pop("timeout", self.timeout)
         for attempt in (0, 1):
             key = self.key(kind) if kind else None
             auth = {"Authorization": f"Bearer {key}"} if key else {}
             resp = self.session.request(method, url, headers={**headers, **auth}, timeout=timeout, **kw)
-            expired = kind and resp.status_code in (400, 401) and TOKEN_FAILED in resp.text
+            expired = kind in ("inference", "management") and resp.status_code in (400, 401) and TOKEN_FAILED in resp.text
             if attempt == 0 and expired and self.key("API"):
                 self.renew(kind, stale=key)
                 continue
@@ -227,6 +228,15 @@ class TorchServeClient:
 
     def metrics_text(self) -> str:
         return self.request("metrics", "GET", "/metrics").text
+
+    # --- labelled feedback (the gateway's /feedback routes; docs/operations.md, "Labelled feedback") ---------
+    def label(self, model: str, labels: dict | list, check: bool = True) -> requests.Response:
+        """POST /feedback/<model>: one label {"request_id", "label"[, "index"]} or a list, with the feedback key."""
+        return self.request("feedback", "POST", f"/feedback/{model}", json=labels, check=check)
+
+    def feedback_summary(self, model: str, api: str = "management") -> dict:
+        """Labelled accuracy per version: with the management key (management port) or the feedback key."""
+        return self.request(api, "GET", f"/feedback/{model}/summary").json()
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)')

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from handler.spec import ModelSpec
 from handler.tta import background_fill
 from scripts.train.data import REPO, eval_tensors, fashion_spec, load_dataset, split
+from scripts.train.labelled import add_trees
 from scripts.train.model import FashionCNN
 from scripts.train.scenes import training_photo
 
@@ -42,6 +43,8 @@ from scripts.train.scenes import training_photo
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="IDX folder or class-per-folder tree (default: shared subset)")
+    p.add_argument("--add", action="append", default=[], metavar="DIR",
+                   help="also train on this class-per-folder tree (ctl export-labelled); training split only; repeatable")
     p.add_argument("--download", action="store_true", help="download the official Fashion-MNIST into --data first")
     p.add_argument("--out", type=Path, default=REPO / "build" / "train", help="checkpoint folder")
     p.add_argument("--report-dir", type=Path, default=REPO / "docs" / "training", help="report + confusion matrix")
@@ -159,6 +162,9 @@ def main(args: argparse.Namespace) -> dict:
     spec = fashion_spec()
     dataset = load_dataset(args.data, spec, download=args.download)
     parts = split(dataset, seed=args.seed, holdout=args.holdout, calib=args.calib)
+    if args.add:  # labelled answers (scripts/train/labelled.py): training split only, held-out split unchanged
+        dataset, parts, added = add_trees(dataset, parts, args.add, spec)
+        print(f"added {added} labelled images from {', '.join(map(str, args.add))} to the training split")
     # Normalisation statistics come from the training split only.
     train_pixels = dataset.images[parts.train].astype(np.float64) / 255.0
     channels = 1 if dataset.images.ndim == 3 else 3

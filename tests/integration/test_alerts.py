@@ -209,3 +209,109 @@ def test_alerts_fire_on_skewed_traffic_and_stay_silent_on_held_out_traffic(gatew
           f"phases {({k: round(v, 1) for k, v in timings.items()})}; total {time.monotonic() - started:.1f} s; "
           f"{traffic.sent} predictions; firing at the end: {final}")
     assert prom.proc.poll() is not None
+
+
+# --- labelled accuracy (issue 23) ----------------------------------------------------------------------------------
+FEEDBACK_WINDOW_S = 20
+
+
+class Labeller(threading.Thread):
+    """Sends {"instances": [...]} of ``chunk`` (image, true label) pairs from the current pool, then labels every
+    answer with its true label through POST /feedback (the feedback key), until stopped."""
+
+    def __init__(self, client, pool: list[tuple[bytes, str]], chunk: int = 32):
+        super().__init__(daemon=True)
+        self.client, self.pool, self.chunk = client, pool, chunk
+        self.stop_event, self.labelled, self.errors = threading.Event(), 0, []
+        self.right = self.wrong = 0
+        self.wrong_images: list[tuple[bytes, str]] = []
+        self.right_images: list[tuple[bytes, str]] = []
+        self.rng = random.Random(23)
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop_event.is_set():
+            batch = self.rng.sample(self.pool, min(self.chunk, len(self.pool)))
+            doc = {"instances": [{"image": base64.b64encode(b).decode()} for b, _ in batch]}
+            rid = f"alert-{n}-{self.rng.random():.6f}"[:60]
+            n += 1
+            try:
+                resp = self.client.predict(MODEL, json.dumps(doc).encode(), content_type="application/json",
+                                           headers={"X-Request-ID": rid})
+                answers = resp.json()
+                for (image, truth), answer in zip(batch, answers):
+                    ok = answer["label"] == truth
+                    self.right, self.wrong = self.right + ok, self.wrong + (not ok)
+                    (self.right_images if ok else self.wrong_images).append((image, truth))
+                labels = [{"request_id": rid, "index": i, "label": truth} for i, (_, truth) in enumerate(batch)]
+                posted = self.client.label(MODEL, labels)
+                self.labelled += len(posted.json()["labels"])
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                self.errors.append(repr(exc))
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=60)
+
+
+def test_labelled_accuracy_alert_fires_on_worse_labels_and_stays_silent_on_held_out_labels(gateway, holdout, tmp_path):
+    """The generated rules (feedback window shortened to 20 s) on a real Prometheus scraping the stack: held-out images
+    labelled with their true labels keep LabelledAccuracyLow silent while the window holds enough labels for a verdict;
+    a stream of the images the model gets wrong more often than held-out ones (its own mistakes and as many right
+    answers), labelled truthfully, makes it fire."""
+    from scripts.train.data import FASHION_MNIST_CLASSES
+
+    out = tmp_path / "monitoring"
+    args = alerts.get_args_parser().parse_args([
+        "--out", str(out), "--target", gateway.metrics.removeprefix("http://"), "--window", f"{WINDOW_S}s",
+        "--ops-window", f"{WINDOW_S}s", "--restart-window", "60s", "--feedback-window", f"{FEEDBACK_WINDOW_S}s",
+        "--for", "0s", "--scrape-interval", "1s", "--evaluation-interval", "1s"])
+    assert alerts.main(args) == 0
+    images, labels = holdout
+    held_out = [(png(img), FASHION_MNIST_CLASSES[int(y)]) for img, y in zip(images, labels)]
+    client = gateway.client(timeout=60)
+    prom = Prometheus(out / "prometheus.yml", tmp_path / "prometheus-data", tmp_path / "prometheus.log")
+    labeller = Labeller(client, held_out)
+    started = time.monotonic()
+    try:
+        prom.wait_until("target scraped", lambda: value(prom.query(f'up{{job="{alerts.JOB}"}}')) == 1, 30)
+        labeller.start()
+        labelling = time.monotonic()
+        # 1. held-out images with their true labels: a full window of them, enough expected errors for a verdict, and
+        # silence at every evaluation
+        fired_early = []
+
+        def full_window() -> bool:
+            fired_early.extend(prom.firing().get("LabelledAccuracyLow", []))
+            return (time.monotonic() - labelling >= FEEDBACK_WINDOW_S
+                    and (value(prom.query(alerts.FB_ERRORS), ModelVersion="1.0") or 0) >= 15)
+
+        prom.wait_until("a full window of held-out labels with >= 10 expected errors", full_window, 90)
+        assert not fired_early, fired_early
+        seen = []
+        for _ in range(5):
+            z = value(prom.query(alerts.FB_Z), ModelVersion="1.0")
+            errors = value(prom.query(alerts.FB_ERRORS), ModelVersion="1.0")
+            seen.append((round(z, 2) if z is not None else None, round(errors or 0, 1)))
+            assert errors and errors >= alerts.Policy().feedback_min_expected_errors, seen
+            assert "LabelledAccuracyLow" not in prom.firing(), seen
+            time.sleep(1.0)
+        held_out_accuracy = labeller.right / max(1, labeller.right + labeller.wrong)
+        # 2. the model's own mistakes and as many right answers, labelled truthfully: about half right
+        assert len(labeller.wrong_images) >= 20, (labeller.right, labeller.wrong)
+        worse = labeller.wrong_images[:200] + labeller.right_images[:len(labeller.wrong_images[:200])]
+        labeller.pool = worse
+        t0 = time.monotonic()
+        prom.wait_until("LabelledAccuracyLow{ModelVersion=1.0}",
+                        lambda: any(a.get("ModelVersion") == "1.0" for a in prom.firing().get("LabelledAccuracyLow", [])),
+                        FEEDBACK_WINDOW_S * 3)
+        fired_after = time.monotonic() - t0
+        z_worse = value(prom.query(alerts.FB_Z), ModelVersion="1.0")
+    finally:
+        labeller.stop()
+        prom.stop()
+    assert not labeller.errors, labeller.errors[:5]
+    print(f"\nheld-out labels (z, expected errors) per evaluation: {seen}; held-out accuracy of this run "
+          f"{held_out_accuracy:.3f}; worse stream fired after {fired_after:.1f} s at z = {z_worse:.1f}; "
+          f"{labeller.labelled} labels in {time.monotonic() - started:.0f} s")

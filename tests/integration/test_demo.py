@@ -6,7 +6,8 @@ file; Selenium drives Debian's chromium through chromedriver. Checked: the page 
 never reaches the browser; an uploaded example gets the label the API gives for the same file, with
 the bars, the canonical input and the Grad-CAM overlay; a non-garment picked from the examples gets
 the out-of-distribution badge; a refused key is said plainly and a rewritten key file is picked up;
-several images at once fill the gallery. Screenshots: build/demo/ (docs/demo.png and docs/demo_gallery.png with UPDATE_SCREENSHOTS=1).
+several images at once fill the gallery; the Review tab shows what to label next and a click records the label.
+Screenshots: build/demo/ (docs/demo.png, docs/demo_gallery.png and docs/demo_review.png with UPDATE_SCREENSHOTS=1).
 
 Skipped, with the reason, when chromium, chromedriver, selenium or gradio is missing (`make install`
 installs them).
@@ -236,3 +237,50 @@ def test_several_images_at_once_fill_the_gallery(browser, demo, gateway):
     time.sleep(0.5)
     SHOTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SHOTS / "demo_gallery.png"))
+
+
+def test_the_review_tab_shows_what_to_check_next_and_one_click_records_the_label(browser, demo, gateway):
+    """A non-garment just answered (out of distribution: first in the queue) is shown with the image the model saw
+    and its answer; clicking "Bag" posts that label with the feedback key, which stays on the demo's server."""
+    import json
+    import uuid
+
+    from selenium.webdriver.common.by import By
+
+    from scripts.demo.app import NON_GARMENTS
+
+    skimage = pytest.importorskip("skimage", reason="the non-garment is one of scikit-image's photos (dev extra)")
+    rid = f"review-{uuid.uuid4().hex[:12]}"
+    photo = (Path(skimage.data_dir) / NON_GARMENTS[0]).read_bytes()
+    answer = gateway.client().predict("fashion_cnn", photo, headers={"X-Request-ID": rid}).json()
+    assert answer["out_of_distribution"], answer
+    open_page(browser, demo)
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Review").click()
+    item = wait_for(browser, f'#demo-review-item[data-request-id="{rid}"]')
+    assert item.get_attribute("data-label") == answer["label"] and "out of distribution" in item.text
+    src = wait_for(browser, "#demo-review-image img").get_attribute("src")
+    assert requests.get(src, timeout=10).content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gateway.key("feedback") not in browser.page_source
+    time.sleep(0.5)  # let the image paint before the picture
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SHOTS / "demo_review.png"))
+    bag = browser.find_element(By.ID, "demo-review-class-8")
+    assert bag.text == "Bag"
+    bag.click()
+    result = wait_for(browser, "#demo-review-result", text=f'Recorded "Bag" for {rid}')
+    assert f"the model said {answer['label']}" in result.text
+    # the label is in the store: the same label again changes nothing, another one is refused
+    post = lambda label: requests.post(  # noqa: E731
+        f"{gateway.inference}/feedback/fashion_cnn", data=json.dumps({"request_id": rid, "label": label}), timeout=30,
+        headers={"Authorization": f"Bearer {gateway.key('feedback')}"})
+    assert post("bag").json()["status"] == "unchanged"
+    assert post("not a garment").status_code == 409
+    # and the next answer to check is shown (or the queue says it is empty)
+    deadline = time.monotonic() + ANSWER_S
+    while time.monotonic() < deadline:
+        shown = browser.find_elements(By.CSS_SELECTOR, "#demo-review-item, #demo-review-empty")
+        if shown and shown[0].get_attribute("data-request-id") != rid:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the next answer did not replace the labelled one")

@@ -202,3 +202,117 @@ def test_a_killed_gateway_master_is_restarted_and_its_orphaned_worker_ended(stac
                          headers={"Authorization": f"Bearer {stack.key()}"}, timeout=60)
     assert resp.status_code == 200 and resp.json()["label"] == "Coat", resp.text
     assert "the gateway (nginx) is gone: restarting it" in (stack.log_dir / "supervisor.log").read_text()
+
+
+def test_no_acknowledged_label_is_lost_across_kill_9_of_the_recorder_a_replica_and_the_gateway_under_load(stack):
+    """8 clients predict, 4 labellers label every answer (retrying until acknowledged) while the recorder, replica 1's
+    frontend and the gateway's master are killed in turn. Every acknowledged label is in the store afterwards with
+    the label sent, and every answer a client received could be labelled (it was recorded): no 404."""
+    import json
+    import queue
+
+    stop, answered, lock = threading.Event(), queue.Queue(), threading.Lock()
+    acked: dict[str, str] = {}
+    outcomes: Counter = Counter()
+    key, fb = {"Authorization": f"Bearer {stack.key()}"}, {"Authorization": f"Bearer {stack.key('feedback')}"}
+
+    def predictor(n: int) -> None:
+        session, body, i = requests.Session(), COAT.read_bytes(), 0
+        while not stop.is_set():
+            rid = f"kill9-{n}-{i}"
+            i += 1
+            try:
+                resp = session.post(f"{stack.inference}/predictions/fashion_cnn", data=body, timeout=90,
+                                    headers={**key, "X-Request-ID": rid})
+                outcome = resp.status_code
+                if resp.status_code == 200:
+                    answered.put((rid, resp.json()["label"]))
+            except requests.RequestException as exc:  # the gateway's outage: its clients' connections fail
+                outcome = type(exc).__name__
+            with lock:
+                outcomes[f"predict {outcome}"] += 1
+
+    def labeller() -> None:
+        session = requests.Session()
+        while not (stop.is_set() and answered.empty()):
+            batch = []
+            while len(batch) < 8:
+                try:
+                    batch.append(answered.get(timeout=0.2))
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
+            doc = [{"request_id": rid, "label": label} for rid, label in batch]
+            for _ in range(600):  # until acknowledged (a 4xx is a failure of the test, not retried)
+                try:
+                    resp = session.post(f"{stack.inference}/feedback/fashion_cnn", data=json.dumps(doc), timeout=30,
+                                        headers={**fb, "Content-Type": "application/json"})
+                except requests.RequestException as exc:
+                    with lock:
+                        outcomes[f"label {type(exc).__name__}"] += 1
+                    time.sleep(0.2)
+                    continue
+                with lock:
+                    outcomes[f"label {resp.status_code}"] += 1
+                if resp.status_code == 200:
+                    with lock:
+                        acked.update({r["request_id"]: r["label"] for r in resp.json()["labels"]})
+                    break
+                if resp.status_code < 500:
+                    with lock:
+                        outcomes[f"refused {resp.json().get('type')}"] += 1
+                    break
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=predictor, args=(n,), daemon=True) for n in range(8)]
+    threads += [threading.Thread(target=labeller, daemon=True) for _ in range(4)]
+    recorder = psutil.Process(stack.state()["recorder_pid"])
+    replica = frontend(stack, 1)
+    gateway = psutil.Process(stack.state()["gateway_pid"])
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        recorder.kill()
+        wait_for(lambda: stack.state().get("recorder_pid") not in (None, recorder.pid), 30, "the recorder restarted")
+        time.sleep(3)
+        replica.kill()
+
+        def replica_back() -> bool:
+            try:
+                return frontend(stack, 1).pid != replica.pid and ready_replicas(stack) == {0, 1}
+            except (psutil.Error, StopIteration, TypeError, ValueError):
+                return False
+
+        wait_for(replica_back, 120, "the supervisor to bring replica 1 back")
+        time.sleep(2)
+        gateway.kill()
+        wait_for(lambda: stack.state().get("gateway_pid") not in (None, gateway.pid), 30, "the gateway restarted")
+        time.sleep(4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    stored, after = {}, 0
+    while True:
+        page = requests.get(f"{stack.management}/feedback/fashion_cnn/export", params={"after": after, "limit": 2000},
+                            headers={"Authorization": f"Bearer {stack.key('management')}"}, timeout=60).json()
+        stored.update({it["request_id"]: it["label"] for it in page["items"]})
+        if page["next"] is None:
+            break
+        after = page["next"]
+    lost = {rid: label for rid, label in acked.items() if stored.get(rid) != label}
+    refused = {k: v for k, v in outcomes.items() if k.startswith("refused")}
+    print(f"\nkill -9 recorder, replica 1, gateway: {dict(outcomes)}; {len(acked)} labels acknowledged")
+    assert len(acked) > 200 and not lost, f"{len(lost)} acknowledged labels lost: {list(lost.items())[:5]}"
+    assert not refused, refused  # every answer a client got was recorded and could be labelled
+    assert outcomes["predict 200"] >= len(acked) and answered.empty()
+    assert any(k.startswith("label ") and k != "label 200" for k in outcomes), "no fault was met by the labellers"
+    log = (stack.log_dir / "supervisor.log").read_text()
+    assert "the recorder is gone: restarting it" in log
+    metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
+    assert "gateway_recorder_restarts_total 1" in metrics
+    lost_records = [line for line in metrics.splitlines() if line.startswith("RecordLost{") and not line.endswith(" 0.0")
+                    and not line.endswith(" 0")]
+    assert not lost_records, lost_records

@@ -45,7 +45,8 @@ def test_regenerating_gives_the_committed_files():
     assert {p.relative_to(REPO).as_posix() for p in files} == {
         "deploy/monitoring/prometheus.yml", "deploy/monitoring/recording_rules.yml",
         "deploy/monitoring/alerting_rules.yml", "deploy/monitoring/grafana-dashboard.json",
-        "deploy/monitoring/tests/alerts_test.yml", "docs/operations.md"}
+        "deploy/monitoring/tests/alerts_test.yml", "deploy/monitoring/tests/feedback_alerts_test.yml",
+        "deploy/monitoring/feedback_reference.json", "docs/operations.md"}
     stale = [str(p.relative_to(REPO)) for p, text in files.items() if p.read_text() != text]
     assert not stale, f"out of date (run python -m scripts.ops.alerts and commit): {stale}"
     assert alerts.main(alerts.get_args_parser().parse_args(["--check"])) == 0
@@ -138,8 +139,39 @@ def test_promtool_unit_tests_fire_and_stay_silent_as_expected(mon):
     assert "PredictionDriftWarning" in names["moderate shift: a warning, no dominance"]
     assert "OutOfDistributionRateHigh" in names["half the inputs out of distribution"]
     assert len(names["service faults"]) == 8 and "GatewayErrorBurst" in names["service faults"]
+    assert names["answers not recorded, the store down"] == {"RecordingLost", "FeedbackStoreDown"}
     # every alert is asserted in every scenario: silent ones with exp_alerts: []
     assert all(len(t["alert_rule_test"]) == len(mon.alerts) for t in doc["tests"])
+
+
+@needs_promtool
+def test_the_labelled_accuracy_alert_fires_exactly_when_ctl_feedbacks_test_says_below(mon):
+    """Label streams over the 6h window on both sides of the threshold: LabelledAccuracyLow fires where
+    scripts/ops/feedback.py's test (which ctl feedback runs) says BELOW, and stays silent for held-out-like labels,
+    a not-significant shortfall and too few labels."""
+    result = promtool("test", "rules", "tests/feedback_alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = yaml.safe_load((MON / "tests" / "feedback_alerts_test.yml").read_text())
+    fired = {t["name"]: {c["alertname"] for c in t["alert_rule_test"] if c["exp_alerts"]} for t in doc["tests"]}
+    verdicts = {name: alerts.feedback_verdict(mon, stream)["verdict"] for name, stream in alerts.label_streams(mon).items()}
+    assert sorted(verdicts.values()) == ["BELOW", "BELOW", "INSUFFICIENT", "OK", "OK"]
+    for name, verdict in verdicts.items():
+        assert fired[name] == ({"LabelledAccuracyLow"} if verdict == "BELOW" else set()), (name, verdict)
+    z = {name: alerts.feedback_verdict(mon, s)["z"] for name, s in alerts.label_streams(mon).items()}
+    assert any(mon.policy.feedback_z - 1 < v < mon.policy.feedback_z for v in z.values())  # close calls, both sides
+    assert any(mon.policy.feedback_z < v < mon.policy.feedback_z + 1 for v in z.values())
+
+
+def test_the_feedback_reference_is_the_served_models_held_out_accuracy_per_flag(source):
+    ref = source.feedback_reference
+    assert ref["n"] == 701 and ref["precision"] == "int8"
+    assert sum(f["n"] for f in ref["by_flag"].values()) == ref["n"]
+    assert sum(f["correct"] for f in ref["by_flag"].values()) == ref["correct"]
+    flags = ref["by_flag"]
+    assert flags["confident"]["accuracy"] > ref["accuracy"] > flags["uncertain"]["accuracy"]
+    # the served int8 model's gated-TTA accuracy (README: 90.58 %)
+    assert abs(ref["accuracy"] - 0.9058) < 0.002
+    assert json.loads((MON / "feedback_reference.json").read_text()) == ref
 
 
 @needs_promtool

@@ -149,3 +149,18 @@ def test_gallery_captions_are_short():
     assert caption(Outcome(answer=answer())) == "Coat 97 %"
     assert caption(Outcome(answer=answer(confidence=0.5, uncertain=True, ood=True))) == "Coat 50 % · OOD"
     assert caption(Outcome(error="The server failed")).startswith("error: ")
+
+
+def test_the_review_tab_says_plainly_when_the_feedback_api_is_down_and_escapes_what_it_shows(tmp_path):
+    from scripts.demo.review import Item, ReviewBackend, choices, item_html
+
+    port = free_ports(1)[0]
+    down = ReviewBackend(f"http://127.0.0.1:{port}", tmp_path / "key_file.json").next_item()
+    assert down.answer is None and "not reachable" in down.error and "make serve" in down.error
+    assert 'id="demo-review-error"' in item_html(down)
+    shown = item_html(Item(answer={"request_id": "<b>x</b>", "index": 2, "label": 'Bag"><script>', "confidence": 0.5,
+                                   "version": "1.0", "reason": "uncertain"}))
+    assert "<script>" not in shown and "&lt;b&gt;x&lt;/b&gt;" in shown and 'data-index="2"' in shown
+    assert "confidence threshold" in shown and ", image 2" in shown
+    assert 'id="demo-review-empty"' in item_html(Item())
+    assert choices(["Coat"]) == ["Coat", "not a garment"]

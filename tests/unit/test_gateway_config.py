@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -154,3 +155,50 @@ def test_the_grpc_port_and_the_v2_errors_are_rendered_and_accepted_by_nginx(tmp_
         assert "error_page 401 = @v2_401;" in block and "error_page 413 = @v2_413;" in block, block
     assert """location @v2_401 { default_type application/json;""" in conf and '{"error": "Send the service credential' in conf
     assert "# --- gRPC: not served" in render(settings(tmp_path), KEYS)  # none without a public gRPC address
+
+
+# --- feedback (issue 23) ----------------------------------------------------------------------------------------------
+FEEDBACK_KEYS = {**KEYS, "feedback": {"key": "f" * 43}}
+
+
+@needs_nginx
+def test_feedback_routes_check_the_feedback_key_before_the_body_and_export_only_on_the_management_port(tmp_path):
+    conf = render(settings(tmp_path), FEEDBACK_KEYS)
+    (tmp_path / "logs").mkdir()
+    check = nginx_accepts(tmp_path / "run", conf, "nginx.conf")
+    assert check.returncode == 0, check.stderr
+    assert '"~^Bearer ' + "f" * 43 + '$" 1;' in conf
+    inference = conf.split("# --- public inference")[1].split("# --- public management")[0]
+    management = conf.split("# --- public management")[1].split("# --- metrics")[0]
+    route = inference.split("location ~ ^/feedback/")[1].split("location = /_auth/feedback")[0]
+    assert "auth_request /_auth/feedback;" in route and "(/summary|/review)?$" in route and "export" not in route
+    assert "client_max_body_size 1m;" in route and "X-Feedback-Api feedback" in route
+    assert 'proxy_set_header Authorization "";' in route  # the labeller's key goes no further
+    assert "feedback.sock" in route and "error_page 502 504 = @feedback_down" in route
+    assert "error_page 401 = @unauthorized;" in route  # its own error_page drops the server's: JSON 401s kept
+    assert "if ($feedback_ok = 0) { return 401; }" in inference
+    # the management port (its key, checked for the whole server): the summary and the labelled set
+    assert "(summary|export)$" in management and "X-Feedback-Api management" in management
+    assert "auth_request /_auth/management;" in management
+
+
+@needs_nginx
+def test_without_a_feedback_key_or_recording_feedback_answers_503_saying_why(tmp_path):
+    (tmp_path / "logs").mkdir()
+    for keys, opts, why in ((KEYS, {}, "no feedback key"), (FEEDBACK_KEYS, {"feedback": "recording is off"}, "recording is off")):
+        conf = render(dataclasses.replace(settings(tmp_path), **opts), keys)
+        assert nginx_accepts(tmp_path / "run", conf, "nginx.conf").returncode == 0
+        assert "unix:" + str(tmp_path / "run" / "feedback.sock") not in conf and why in conf and "FeedbackUnavailable" in conf
+
+
+def test_a_key_file_without_a_feedback_key_gains_one_and_keeps_the_others(tmp_path):
+    path = tmp_path / "key_file.json"
+    old = {"inference": {"key": "i" * 43}, "management": {"key": "m" * 43}}
+    path.write_text(json.dumps(old))
+    keys = service_keys(path)
+    assert keys["inference"] == old["inference"] and keys["management"] == old["management"]
+    assert len(keys["feedback"]["key"]) >= 43 and len({keys[k]["key"] for k in keys}) == 3
+    assert json.loads(path.read_text()) == keys and service_keys(path) == keys
+    path.write_text(json.dumps(old))  # a read-only mounted Secret without one is used as it is (/feedback: 503)
+    path.chmod(0o440)
+    assert service_keys(path) == old and json.loads(path.read_text()) == old

@@ -186,7 +186,8 @@ def test_the_secret_users_create_validates_and_fits_the_pods(tmp_path):
     assert len(set(names.values())) == 1, f"the Deployment and the InferenceService use different Secrets: {names}"
     name = names["Deployment"]
     key_file = tmp_path / SECRET_KEY
-    key_file.write_text(json.dumps({"inference": {"key": "x" * 43}, "management": {"key": "y" * 43}}))
+    key_file.write_text(json.dumps({"inference": {"key": "x" * 43}, "management": {"key": "y" * 43},
+                                    "feedback": {"key": "z" * 43}}))
     kubectl = kubectl_binary()
     if kubectl:
         out = subprocess.run([kubectl, "create", "secret", "generic", name, "-n", "fashion-cnn",
@@ -287,7 +288,12 @@ def mounts(container: dict) -> dict[str, dict]:
 
 
 def env(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container["env"]}
+    """name -> value, or "secret:<name>/<key>" for a value from a Secret."""
+    out = {}
+    for e in container["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        out[e["name"]] = f"secret:{ref['name']}/{ref['key']}" if ref else e["value"]
+    return out
 
 
 def under(path: str, root: str) -> bool:
@@ -312,6 +318,11 @@ def test_pod_agrees_with_the_image_and_config(which):
     assert e["GATEWAY_HOST"] == "0.0.0.0"
     assert e["GATEWAY_PORTS"] == ",".join(str(ports[n]) for n in ("inference", "management", "metrics"))
     assert e["GATEWAY_PORTS"] == image_env_["GATEWAY_PORTS"]
+    # the feedback store: a PostgreSQL DSN from an optional Secret (serve.py reads FEEDBACK_STORE), else SQLite
+    assert e["FEEDBACK_STORE"] == "secret:fashion-cnn-feedback-store/dsn"
+    [store] = [x for x in c["env"] if x["name"] == "FEEDBACK_STORE"]
+    assert store["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "FEEDBACK_STORE" in (REPO / "scripts" / "deploy" / "serve.py").read_text()
 
     # Security: the image's user, nothing more.
     uid = image_uid()
@@ -429,7 +440,12 @@ def test_services_hpa_pdb_and_network_policy_point_at_the_pods():
 
     policy = one("NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["egress"] == []
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    # egress: the PostgreSQL feedback store (port 5432, pods labelled for it) and the cluster DNS, nothing else
+    egress = policy["spec"]["egress"]
+    assert sorted((p["port"], p["protocol"]) for rule in egress for p in rule["ports"]) == \
+        [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
+    assert all(rule.get("to") and all("podSelector" in t for t in rule["to"]) for rule in egress)
     admitted: dict[str, list] = {}
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from"), "no rule admits every source"
@@ -480,7 +496,7 @@ def test_kubectl_kustomize_renders_exactly_the_plain_manifests():
 def test_a_valid_read_only_key_file_is_used_as_it_is(tmp_path, monkeypatch):
     from scripts.deploy import gateway
 
-    keys = {kind: {"key": gateway.new_key()} for kind in ("inference", "management")}
+    keys = {kind: {"key": gateway.new_key()} for kind in ("inference", "management", "feedback")}
     key_file = tmp_path / SECRET_KEY
     key_file.write_text(json.dumps(keys))
     key_file.chmod(0o440)
@@ -490,3 +506,9 @@ def test_a_valid_read_only_key_file_is_used_as_it_is(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gateway, "write_private", refuse)
     assert gateway.service_keys(key_file) == keys
+    # a Secret made before the feedback key existed: used as it is (the gateway answers /feedback 503, saying why)
+    older = {kind: keys[kind] for kind in ("inference", "management")}
+    key_file.chmod(0o640)
+    key_file.write_text(json.dumps(older))
+    key_file.chmod(0o440)
+    assert gateway.service_keys(key_file) == older

@@ -66,7 +66,8 @@ def test_the_walk_finds_the_known_modules():
 
 def test_every_module_under_handler_and_scripts_imports():
     failed = []
-    for name in ALL_MODULES:
+    # Alembic's migration scripts (env.py, versions/) are run by Alembic with its context set, not imported.
+    for name in (m for m in ALL_MODULES if ".migrations." not in m):
         try:
             importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - SystemExit at import is a failure too
