@@ -90,7 +90,7 @@ bench-uploads: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.uploads $(UPLOADS_ARGS)
 
 # Recording every answer (spool + recorder + SQLite) on vs off at concurrency 16: its section of docs/benchmarks.md
-bench-recording: $(STAMP) $(MAR)
+bench-recording: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.recording $(RECORDING_ARGS)
 
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md

@@ -204,7 +204,7 @@ def open_image(data: bytes, max_pixels: int, max_frames: int) -> Image.Image:
     try:
         frames = _tiff_pages(data, max_frames) if img.format == "TIFF" else getattr(img, "n_frames", 1)
     except Exception as exc:
-        raise InvalidImage(f"The {img.format} image is corrupt or truncated ({exc}). Send the complete file.") from None
+        raise InvalidImage(f"The {_HUMAN.get(img.format, img.format)} image is corrupt or truncated ({exc}). Send the complete file.") from None
     if frames > max_frames:
         counted = f"more than {max_frames}" if img.format == "TIFF" else f"{frames}"
         raise ImageTooLarge(f"The image has {counted} frames; the limit is {max_frames}. "
@@ -317,7 +317,7 @@ def decode(data: bytes, max_pixels: int, max_frames: int, need: Need = FULL,
         except Image.DecompressionBombError as exc:
             raise _bomb(exc, max_pixels) from None
         except Exception as exc:
-            raise InvalidImage(f"The {fmt} image is corrupt or truncated ({exc}). Send the complete file.") from None
+            raise InvalidImage(f"The {_HUMAN.get(fmt, fmt)} image is corrupt or truncated ({exc}). Send the complete file.") from None
         turn = orientation(img)  # after loading: a PNG's eXIf chunk may follow its pixels
     mode = img.mode
     try:

@@ -16,11 +16,14 @@ from torch import nn
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from handler.spec import ModelSpec
+from handler.loader import read_extra_file
+from handler.spec import SPEC_FILENAME, ModelSpec
 from scripts.train.data import fashion_spec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "datasets" / "fashion-mnist-subset"
+# The shipped model's TTA views (X-TTA: all runs every one of them), from the spec saved with it.
+SHIPPED_VIEWS = len(json.loads(read_extra_file(REPO / "models" / "fashion_cnn.pt", SPEC_FILENAME))["tta"])
 
 
 class TinyCNN(nn.Module):

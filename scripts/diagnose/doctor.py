@@ -291,18 +291,30 @@ def diagnose(model, spec: ModelSpec, ref) -> tuple[list[Verdict], dict]:
     outputs = predict(model, served)
     verdicts.append(check_logits(outputs))
     preds = {"spec": outputs.argmax(dim=1).numpy()}
-    scores = {"spec": float((preds["spec"] == labels).mean())}
-    for name, (mean, std) in tqdm(list(conventions(spec).items())[1:], desc="normalisations", leave=False):
-        scores[name], preds[name] = accuracy(model, normalise(unit, mean, std), labels)
-    verdicts.append(compare("normalisation", scores, "the input convention"))
-    variants = {"spec": scores["spec"]}
-    variants["inverted intensities"], preds["inverted intensities"] = accuracy(model, normalise(1 - unit, spec.mean, spec.std), labels)
+    transforms = {"inverted intensities": lambda u: 1 - u}
     if spec.channels == 3:
-        variants["BGR"], preds["BGR"] = accuracy(model, normalise(unit.flip(1), spec.mean, spec.std), labels)
+        transforms["BGR"] = lambda u: u.flip(1)
+    variants = {"spec": float((preds["spec"] == labels).mean())}
+    for name, change in transforms.items():
+        variants[name], preds[name] = accuracy(model, normalise(change(unit), spec.mean, spec.std), labels)
     order = compare("channel order and polarity", variants, "the variant")
     if spec.channels == 3 and bool((unit[:, 0] == unit[:, 1]).all() and (unit[:, 1] == unit[:, 2]).all()):
         order.summary += " (the reference images are grey: channel order cannot be told apart on them)"
-    verdicts.append(order)
+    # One fault, one verdict: a model that fits another polarity or channel order is scored under it for the
+    # normalisation too (under the spec's polarity every convention is poor, and one is merely less poor).
+    fitted = max(transforms, key=variants.get) if order.ok is False else None
+    unit_fitted = transforms[fitted](unit) if fitted else unit
+    scores = {"spec": variants[fitted] if fitted else variants["spec"]}
+    for name, (mean, std) in tqdm(list(conventions(spec).items())[1:], desc="normalisations", leave=False):
+        scores[name], pred = accuracy(model, normalise(unit_fitted, mean, std), labels)
+        if not fitted:
+            preds[name] = pred
+    normalisation = compare("normalisation", scores, "the input convention")
+    if fitted:
+        normalisation.summary += f" (measured with {fitted}, which the model fits)"
+        normalisation.evidence["measured_under"] = fitted
+        scores = {"spec": variants["spec"]}  # the collapse check below judges the variants alone
+    verdicts += [normalisation, order]
     # A model fed the wrong convention often looks collapsed too; judge collapse under the convention it fits,
     # so that one fault gets one verdict.
     fits = max(scores | variants, key=(scores | variants).get)

@@ -148,8 +148,8 @@ def grid(sets: dict, answers: dict, spec, path: Path, per_set: int = 2) -> None:
         canonical = bytes_to_canonical(sets[name]["bytes"][i], spec)
         if canonical.region is not None:  # where canonicalisation found the object
             left, top, right, bottom = canonical.region
-            x0, y0 = left * shown.width, top * shown.height
-            ImageDraw.Draw(shown).rectangle([x0, y0, max(x0, right * shown.width - 1), max(y0, bottom * shown.height - 1)],
+            bx, by = left * shown.width, top * shown.height
+            ImageDraw.Draw(shown).rectangle([bx, by, max(bx, right * shown.width - 1), max(by, bottom * shown.height - 1)],
                                             outline=(230, 40, 40), width=2)
         sheet.paste(shown, (x0 + (cell - shown.width) // 2, y0 + (cell - shown.height) // 2))
         seen = canonical.image.convert("RGB").resize((cell, cell), Image.NEAREST)

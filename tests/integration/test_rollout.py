@@ -23,6 +23,7 @@ from scripts.deploy import rollout
 from scripts.deploy.harness import REPO, make_server, make_two_version_server
 from scripts.ops import ctl
 from scripts.ops.tsclient import TorchServeClient
+from tests.conftest import SHIPPED_VIEWS
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()
@@ -114,7 +115,7 @@ def test_rollout_registers_switches_and_retires_without_a_failed_request(tmp_pat
         before = load.sent_between(0, started)
         after = load.sent_between(finished, float("inf"))
         assert len(before) >= 10 and len(after) >= 10, (len(before), len(after))
-        assert {(a.version, a.tta_views) for a in before} == {("1.0", 3)}
+        assert {(a.version, a.tta_views) for a in before} == {("1.0", SHIPPED_VIEWS)}
         assert {(a.version, a.tta_views) for a in after} == {("2.0", 4)}
         during = {a.version for a in load.sent_between(started, finished)}
         assert during <= {"1.0", "2.0"} and len(load.answers) > len(before) + len(after)

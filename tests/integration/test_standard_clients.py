@@ -252,14 +252,17 @@ def test_a_killed_grpc_service_is_restarted_and_serves_again(stack):
     before = stack.state()["grpc_pid"]
     os.kill(before, signal.SIGKILL)
     client = grpcclient.InferenceServerClient(stack.grpc)
-    deadline, ready = time.monotonic() + 30, False
-    while time.monotonic() < deadline and not ready:
+    deadline, ready, now = time.monotonic() + 30, False, before
+    # Ready again, answered by a new process (the supervisor writes its state after the restart: wait for both).
+    while time.monotonic() < deadline and not (ready and now not in (None, before)):
         try:
             ready = client.is_server_ready()
         except InferenceServerException:
-            time.sleep(0.5)
+            ready = False
+        now = stack.state()["grpc_pid"]
+        time.sleep(0.5)
     assert ready, "the gRPC service did not come back within 30 s"
-    assert stack.state()["grpc_pid"] not in (None, before)
+    assert now not in (None, before), (before, now)
     metrics = requests.get(f"{stack.metrics}/metrics", timeout=30).text
     assert "gateway_grpc_restarts_total 1" in metrics
     assert requests.get(f"{stack.inference}/v2/health/ready", timeout=30).json() == {"ready": True}
