@@ -5,14 +5,15 @@ trim the edges close to the corner colour, scale the longest edge to 28, centre 
 the canvas, negate, 8-bit grayscale.  ``canonicalise`` does the same, generalised
 to the photos users send:
 
-1. estimate the background from the image border (the most common colour of a thin
-   ring, robust to an object that touches the edge) and the border's noise level;
-2. mark the pixels that differ from the background by more than
-   ``max(tolerance, noise_factor x noise)`` (on a median-filtered copy, so JPEG
-   artefacts and sensor noise do not count) and trim to their bounding box;
-3. turn the crop into the model's mode, invert it when the background is light (the
-   model was trained on light objects on black), and stretch its levels so the
-   background becomes the model's background and the object's highlights full scale;
+1. find the object (``handler.segment.find``, on the decoder's reduced copy): a background model
+   fitted to the border that handles light gradients and textured surfaces (a smooth surface, its
+   tones and its spread), the pixels that differ from it by more than its noise and texture, and the
+   object chosen among those regions (the largest and its neighbours; tags, text, a hook left out);
+2. crop to the object's box;
+3. turn the crop into the model's mode: for a grey model, the colour distance from the background
+   under the object's soft mask (so a navy shirt on a grey sheet or a white one on cream keeps its
+   shape), stretched so the background becomes the model's background and the object's highlights
+   full scale (light garments on black, as the model was trained);
 4. scale the longest edge to the model's input size keeping the aspect ratio and
    centre it on the model's background.
 
