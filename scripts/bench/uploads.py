@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scripts.bench.drive import GatewayTarget, archive, derive_config, ensure_hey, hey, machine
 from scripts.bench.report import replace_section
 from scripts.train.data import DEFAULT_DATA, REPO, load_idx_dir, split
 
@@ -209,6 +208,7 @@ def baseline_tree(rev: str, into: Path) -> Path:
 # --- through the front door ------------------------------------------------------------------------------
 
 def http(files: dict, baseline: Path, workdir: Path, seconds: float) -> dict:
+    from scripts.bench.drive import GatewayTarget, archive, derive_config, hey  # the serving stack: not in --measure
     store = workdir / "model_store"
     if store.exists():
         shutil.rmtree(store)
@@ -315,10 +315,14 @@ def markdown(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    # --measure runs under the baseline's handler/ (PYTHONPATH): nothing that imports today's handler beyond
+    # handler.preprocess may be loaded there, so the serving stack's modules are imported only below it.
     if args.measure is not None:  # the in-process half, in its own process
         result = measure(json.loads(args.measure.read_text()), args.inproc_seconds)
         args.json.write_text(json.dumps(result))
         return result
+    from scripts.bench.drive import ensure_hey, machine
+
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -31,6 +31,7 @@ from torchvision import transforms
 from ts.torch_handler.base_handler import BaseHandler
 
 _SHIFT = re.compile(r"^shift\((-?\d+),\s*(-?\d+)\)$")
+_ZOOM = re.compile(r"^zoom\((\d+(?:\.\d+)?)\)$")
 
 
 class NaiveTTAHandler(BaseHandler):
@@ -71,6 +72,12 @@ class NaiveTTAHandler(BaseHandler):
         if match:
             dx, dy = int(match.group(1)), int(match.group(2))
             return image.transform(image.size, Image.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=self.fill)
+        match = _ZOOM.match(name)
+        if match:  # scale about the centre, the way a person would write it with PIL
+            f = float(match.group(1))
+            w, h = image.size
+            return image.transform(image.size, Image.AFFINE, (1 / f, 0, w / 2 * (1 - 1 / f), 0, 1 / f, h / 2 * (1 - 1 / f)),
+                                   resample=Image.BILINEAR, fillcolor=self.fill)
         raise ValueError(f"view {name!r} is not supported by the naive handler")
 
     def tta_enabled(self, idx):
