@@ -326,11 +326,12 @@ def choose(mask: np.ndarray, part_share: float, near: float) -> tuple[np.ndarray
 
 def solidity(mask: np.ndarray) -> float:
     """The mask's pixels over the area of their convex hull (1.0: a convex blob; a few strokes: far less)."""
-    points = cv2.findNonZero(mask.view(np.uint8))
-    if points is None:
+    # The hull of a set of pixels is the hull of its outer boundaries: their points alone, a fraction of the pixels.
+    contours, _ = cv2.findContours(mask.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
         return 0.0
-    hull = cv2.contourArea(cv2.convexHull(points)) + len(cv2.convexHull(points)) / 2.0 + 1.0  # + its boundary
-    return float(min(1.0, mask.sum() / hull))
+    hull = cv2.convexHull(np.concatenate(contours))
+    return float(min(1.0, mask.sum() / (cv2.contourArea(hull) + len(hull) / 2.0 + 1.0)))  # + its boundary
 
 
 def _regions(arr: np.ndarray, background: Background, tolerance: float, noise_factor: float, spread_factor: float,
