@@ -105,8 +105,9 @@ class TrafficSplit:
     """A gradual rollout as every hop applies it (scripts/deploy/traffic.py keeps the state).
 
     ``shadow``: each prediction of ``model``'s default version is also sent, by nginx's ``mirror``, to the
-    shadow sink (run/shadow.sock), which answers at once and forwards it to ``candidate``; ``canary``: ``percent``
-    of them go to ``candidate`` instead (split_clients on nginx's own random request id)."""
+    shadow sink (run/shadow.sock), which answers at once and forwards it to ``candidate`` (``percent`` of them: a
+    sample, to bound the candidate's cost); ``canary``: ``percent`` of them go to ``candidate`` instead (split_clients
+    on nginx's own random request id)."""
 
     model: str
     candidate: str
@@ -412,9 +413,11 @@ def _split_http(hop: HopSettings) -> str:
                 f'    split_clients "${{request_id}}" $rollout_uri {{\n'
                 f"        {split.percent:g}% /predictions/{split.model}/{split.candidate};\n"
                 f"        * /predictions/{split.model};\n    }}")
-    return (f"    # shadow: {split.model}'s default predictions are mirrored to the sink, which forwards them to "
-            f"{split.candidate}\n    upstream shadow_sink {{\n        server unix:{hop.run_dir / SHADOW_SOCKET};\n"
-            "        keepalive 16;\n    }")
+    sample = "" if split.percent >= 100 else (
+        f'\n    split_clients "${{request_id}}" $shadow_skip {{\n        {split.percent:g}% "";\n        * 1;\n    }}')
+    return (f"    # shadow: {split.percent:g} % of {split.model}'s default predictions are mirrored to the sink, which "
+            f"forwards them to {split.candidate}\n    upstream shadow_sink {{\n        server unix:{hop.run_dir / SHADOW_SOCKET};"
+            f"\n        keepalive 16;\n    }}{sample}")
 
 
 def _split_locations(hop: HopSettings, auth: str) -> str:
@@ -442,7 +445,7 @@ def _split_locations(hop: HopSettings, auth: str) -> str:
         text += f"""        location = /_shadow {{
             internal;
             if ($http_describe) {{ return 204; }}  # metadata requests (v2 GET /v2/models/<m>) are not predictions
-            proxy_pass http://shadow_sink/shadow/{split.model}/{split.candidate};
+{"            if ($shadow_skip) { return 204; }  # not in the sample" + chr(10) if split.percent < 100 else ""}            proxy_pass http://shadow_sink/shadow/{split.model}/{split.candidate};
             proxy_set_header Connection "";
             proxy_set_header Authorization "";
             proxy_set_header X-Shadow-Replica {hop.index};

@@ -659,14 +659,16 @@ class Stack:
                  "(1 = all; a canary splits it; a shadow candidate answers copies only, at 0).",
                  "# TYPE gateway_rollout_share gauge"]
         versions = {state.live: 1.0}
-        if state.candidate:
+        if state.mode == "canary":
             versions = {state.live: 1 - state.percent / 100, state.candidate: state.percent / 100}
+        elif state.candidate:
+            versions = {state.live: 1.0, state.candidate: 0.0}
         lines += [f'gateway_rollout_share{{ModelName="{state.model}",ModelVersion="{v}"}} {share:g}'
                   for v, share in versions.items()]
-        lines += ["# HELP gateway_rollout_shadow 1 while the version receives a mirrored copy of the default predictions.",
+        lines += ["# HELP gateway_rollout_shadow The share of the default predictions mirrored to the version (shadow).",
                   "# TYPE gateway_rollout_shadow gauge"]
         lines += [f'gateway_rollout_shadow{{ModelName="{state.model}",ModelVersion="{v}"}} '
-                  f'{int(state.mode == "shadow" and v == state.candidate)}' for v in versions]
+                  f'{state.percent / 100 if state.mode == "shadow" and v == state.candidate else 0:g}' for v in versions]
         if self.shadow is not None:
             lines += ["# HELP gateway_shadow_restarts_total Restarts of the shadow sink (scripts/deploy/shadow.py).",
                       "# TYPE gateway_shadow_restarts_total counter", f"gateway_shadow_restarts_total {self.shadow_restarts}"]

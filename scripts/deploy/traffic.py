@@ -77,7 +77,7 @@ class RolloutState:
     live: str  # the version /predictions/<model> answers from (the default on every replica)
     candidate: str | None = None
     mode: str = "off"  # off | shadow | canary
-    percent: float = 0.0  # canary: the candidate's share of the default predictions
+    percent: float = 0.0  # canary: the candidate's share of the default predictions; shadow: the share mirrored
     previous: str | None = None  # the version live before the last promote (rollback returns to it)
     staged: dict[str, str] = field(default_factory=dict)  # version -> archive added to load_models by a stage
     staging: dict | None = None  # the stage in progress or the last one: version, archive, replicas done, error
@@ -191,10 +191,13 @@ class Rollouts:
             if action in ("shadow", "canary"):
                 if version == state.live:
                     raise RolloutConflict(f"{model} {version} is already the live version; name a candidate.")
-                percent = parse_percent(doc.get("percent")) if action == "canary" else 0.0
+                if action == "canary":
+                    percent = parse_percent(doc.get("percent"))
+                else:  # the share of the default predictions mirrored (all by default)
+                    percent = 100.0 if doc.get("percent") in (None, 100, 100.0) else parse_percent(doc.get("percent"))
                 self.need_ready(model, version)
                 state.candidate, state.mode, state.percent = version, action, percent
-                self.apply(f"{action} of {model} {version}" + (f" at {percent:g} %" if action == "canary" else ""))
+                self.apply(f"{action} of {model} {version} at {percent:g} %")
             elif action == "promote":
                 self.promote(state, version)
             else:

@@ -534,7 +534,8 @@ def rollout_call(client: TorchServeClient, method: str, model: str, doc: dict | 
 def format_rollout(state: dict) -> str:
     live, cand = state["live"], state.get("candidate")
     if state["mode"] == "shadow":
-        what = f"{live} answers every request; {cand} gets a mirrored copy of each (shadow)"
+        what = (f"{live} answers every request; {cand} gets a mirrored copy of "
+                + ("each" if state["percent"] >= 100 else f"{state['percent']:g} % of them") + " (shadow)")
     elif state["mode"] == "canary":
         what = f"{cand} answers {state['percent']:g} % of the default predictions, {live} the rest (canary)"
     else:
@@ -546,7 +547,7 @@ def format_rollout(state: dict) -> str:
 
 def cmd_rollout_action(args) -> int:
     doc = {"action": args.command, "version": getattr(args, "version", None)}
-    if args.command == "canary":
+    if args.command in ("canary", "shadow") and args.percent is not None:
         doc["percent"] = args.percent
     state = rollout_call(connect(args), "PUT", args.model, doc)
     print(format_rollout(state))
@@ -653,6 +654,9 @@ def get_args_parser() -> argparse.ArgumentParser:
             s.add_argument("version")
         if name == "canary":
             s.add_argument("--percent", type=float, required=True, help="the candidate's share, above 0 and below 100")
+        if name == "shadow":
+            s.add_argument("--percent", type=float, default=None,
+                           help="mirror only this share of the default predictions (default: all), to bound the cost")
         s.set_defaults(func=cmd_rollout_action)
 
     s = sub.add_parser("compare", parents=[common],
