@@ -28,15 +28,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from scripts.deploy.gateway import TrafficSplit, write_private
 from scripts.deploy.harness import ARCHIVE_NAME, REPO
 from scripts.deploy.replicas import Replica
 from scripts.ops.tsclient import read_properties
-
-if TYPE_CHECKING:  # the supervisor imports this module
-    from scripts.deploy.supervisor import Stack
 
 log = logging.getLogger("supervisor")
 STATE_FILE = "rollout.json"
@@ -92,7 +88,7 @@ class RolloutState:
         return asdict(self)
 
 
-def base_load_models(stack: Stack) -> list[str]:
+def base_load_models(stack) -> list[str]:
     """The archives every replica loads at start (--mar's, else the shipped config.properties' load_models)."""
     names = stack.opts.replica_overrides.get("load_models") or read_properties(REPO / "config.properties").get(
         "load_models", "")
@@ -113,8 +109,8 @@ def parse_percent(value) -> float:
 class Rollouts:
     """The rollout state of the stack's model and the operations on it (one at a time)."""
 
-    def __init__(self, stack: Stack):
-        self.stack = stack
+    def __init__(self, stack):
+        self.stack = stack  # the supervisor's Stack (scripts/deploy/supervisor.py), which holds this
         self.path = stack.opts.run_dir / STATE_FILE
         self.lock = threading.Lock()  # one operation at a time
         self.state: RolloutState | None = None
