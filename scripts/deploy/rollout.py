@@ -144,9 +144,11 @@ def stage(args) -> int:
             old = next(v for v in versions if v["default"])
             url = package_into_store(args, model_store(args.config, args.workdir))
             load_beside(client, args, url, args.workers or old["min_workers"] or 1)
+    elif state["live"] == args.version:
+        raise ctl.Refused(f"{args.name} {args.version} is already the live version")
+    elif state["replicas"] and all(versions.get(args.version) for versions in state["replicas"].values()):
+        print(f"{args.name} {args.version} is already loaded with a READY worker on every replica: nothing to stage")
     else:
-        if state["live"] == args.version:
-            raise ctl.Refused(f"{args.name} {args.version} is already the live version")
         url = package_into_store(args, model_store(args.config, args.workdir))
         resp = client.request("management", "POST", f"/rollout/{args.name}/stage",
                               json={"version": args.version, "archive": url}, check=False)

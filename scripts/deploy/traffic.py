@@ -224,6 +224,7 @@ class Rollouts:
             raise RolloutConflict(f"{state.model} {version} is already the live version.")
         self.need_ready(state.model, version)
         self.set_default(state.model, version)  # first: a canary's share and the rest all reach it from here on
+        self.pin_default(state.model, version)
         state.previous, state.live = state.live, version
         state.candidate, state.mode, state.percent = None, "off", 0.0
         self.apply(f"promote of {state.model} {version} (previous {state.previous})")
@@ -239,6 +240,7 @@ class Rollouts:
                                   "was made by this stack.")
         self.need_ready(state.model, state.previous)
         self.set_default(state.model, state.previous)
+        self.pin_default(state.model, state.previous)
         state.live, state.previous = state.previous, None
         self.apply(f"rollback to {state.live}")
 
@@ -293,14 +295,27 @@ class Rollouts:
             self.save()
             self.lock.release()
 
-    def load_models(self, archive: str) -> str:
-        """load_models for a successor: the shipped archives, those staged before, and this one."""
-        names = base_load_models(self.stack) + [a for a in self.state.staged.values()]
-        return ",".join(dict.fromkeys([*names, archive]))
+    def load_models(self, replica: Replica, archive: str) -> str:
+        """load_models for a successor: what the replica loads now (the default's archive first), and this one."""
+        names = replica.overrides.get("load_models") or ",".join(base_load_models(self.stack))
+        return ",".join(dict.fromkeys([*(n for n in names.split(",") if n), archive]))
+
+    def pin_default(self, model: str, version: str) -> None:
+        """A replica restarted later (TorchServe forgets set-default: --ncs) makes ``version`` the default again:
+        its archive is listed first in that replica's load_models."""
+        for r in self.stack.replicas:
+            try:
+                url = self.stack.probe_client(r).describe(model, version)[0]["modelUrl"]
+            except Exception as exc:
+                log.warning("rollout: replica %d: %s %s not pinned as default for restarts: %s", r.index, model, version, exc)
+                continue
+            name = Path(str(url).removeprefix("file://")).name
+            names = [n for n in (r.overrides.get("load_models") or ",".join(base_load_models(self.stack))).split(",") if n]
+            r.overrides = {**r.overrides, "load_models": ",".join(dict.fromkeys([name, *names]))}
 
     def _replace(self, old: Replica, model: str, version: str, archive: str) -> None:
         stack = self.stack
-        overrides = {**old.overrides, "load_models": self.load_models(archive)}
+        overrides = {**old.overrides, "load_models": self.load_models(old, archive)}
         new = Replica(old.index, stack.opts.run_dir, stack.opts.model_store, overrides, old.env, old.generation + 1)
         self.successors.add(new)
         try:

@@ -347,3 +347,22 @@ def test_promote_and_rollback_under_16_clients_lose_nothing(stack, connection):
     assert [{a.version for a in w} for w in windows[1:]] == [{"2.0"}, {"1.0"}]
     assert all(len(w) >= 10 for w in windows), [len(w) for w in windows]
     print(f"promote and rollback under 16 clients: {len(load.answers)} requests, 0 failed")
+
+
+def test_a_replica_restarted_after_a_promote_serves_the_promoted_version(stack, connection):
+    assert ctl.main(["promote", MODEL, "2.0", *connection]) == 0
+    victim = stack.replica_state()[1]
+    os.kill(victim["pid"], signal.SIGKILL)  # its TorchServe frontend; the supervisor restarts it with --ncs
+    deadline = time.monotonic() + 240
+    while True:
+        ready = requests.get(f"{stack.inference}/ping", timeout=10).json()
+        state = next(r for r in stack.replica_state() if r["index"] == 1)
+        if state["pid"] not in (None, victim["pid"]) and all(r["ready"] for r in ready["replicas"]):
+            break
+        assert time.monotonic() < deadline, ready
+        time.sleep(1)
+    assert defaults(stack) == ["2.0", "2.0"]  # the promoted archive is listed first for every restart
+    answers = send(stack, [(REPO / "examples" / "coat.png").read_bytes()] * 20, "after-restart")
+    assert {v for _, v, _ in answers} == {"2.0"}
+    assert ctl.main(["rollback", MODEL, *connection]) == 0
+    assert defaults(stack) == ["1.0", "1.0"]

@@ -129,3 +129,28 @@ def test_a_share_outside_0_to_100_is_refused_with_what_to_do(value):
     with pytest.raises(traffic.BadRolloutRequest, match="above 0 and below 100"):
         traffic.parse_percent(value)
     assert traffic.parse_percent("12.5") == 12.5
+
+
+def merged(base, patch):
+    """``patch`` merged into ``base``: mappings key by key, lists item by item (as the docs' patch is meant)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: merged(base.get(k), v) for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list):
+        return [merged(b, p) for b, p in zip(base, patch)] + base[len(patch):]
+    return patch
+
+
+def test_the_kserve_canary_in_the_docs_validates_against_the_strict_schema():
+    import yaml
+
+    from tests.unit.test_kubernetes import REPO, isvc, kserve_errors, kserve_schema, strict
+
+    text = (REPO / "docs" / "kubernetes.md").read_text()
+    patch = yaml.safe_load(text.split("<!-- kserve-canary:")[1].split("```yaml")[1].split("```")[0])
+    obj = merged(isvc(), patch)
+    assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert obj["spec"]["predictor"]["containers"][0]["image"].endswith(":2.0")
+    schema = strict(kserve_schema("InferenceService"))
+    assert kserve_errors(obj, schema) == []
+    typo = merged(isvc(), {"spec": {"predictor": {"canaryTrafficPercnt": 10}}})
+    assert any("canaryTrafficPercnt" in e for e in kserve_errors(typo, schema))
