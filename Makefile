@@ -16,7 +16,7 @@ DEFAULT_MAR := model_store/fashion_cnn.mar
 MAR     := $(DEFAULT_MAR)
 HANDLER := $(wildcard handler/*.py) handler/model-config.yaml
 
-.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads bench-recording doctor archive lint clean
+.PHONY: install serve stop status demo test unit integration train mar rollout eval-real bench bench-cost bench-gateway bench-protocols bench-uploads bench-recording bench-shadow doctor archive lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -66,6 +66,7 @@ train: $(STAMP)
 	$(PY) -m scripts.train.export
 
 # Roll out a new version beside the running one: make rollout VERSION=2.0 [MODEL=path.pt] [ROLLOUT_ARGS="--retire unregister"]
+# ROLLOUT_ARGS="--stage": load it beside the default on every replica without switching (then ctl shadow/canary/promote)
 rollout: $(STAMP)
 	$(PY) -m scripts.deploy.rollout --version $(VERSION) $(if $(MODEL),--model-file $(MODEL)) $(ROLLOUT_ARGS)
 
@@ -92,6 +93,11 @@ bench-uploads: $(STAMP) $(DEFAULT_MAR)
 # Recording every answer (spool + recorder + SQLite) on vs off at concurrency 16: its section of docs/benchmarks.md
 bench-recording: $(STAMP) $(DEFAULT_MAR)
 	$(PY) -m scripts.bench.recording $(RECORDING_ARGS)
+
+# A shadow rollout on vs off (every default prediction also answered by a candidate) at concurrency 1 and 16:
+# the "Shadow rollout" section of docs/benchmarks.md
+bench-shadow: $(STAMP)
+	$(PY) -m scripts.bench.shadow $(SHADOW_ARGS)
 
 # What canonicalisation + OOD detection cost against the handler and model before them: docs/benchmarks_cost.md
 bench-cost: $(STAMP)

@@ -81,6 +81,9 @@ GRPC_MESSAGES = {
 }
 GRPC_SOCKET = "grpc.sock"  # run/grpc.sock: scripts/deploy/grpc_service.py, reached only through the gateway
 FEEDBACK_SOCKET = "feedback.sock"  # run/feedback.sock: scripts/deploy/recorder.py, reached only through the gateway
+SHADOW_SOCKET = "shadow.sock"  # run/shadow.sock: scripts/deploy/shadow.py, the shadow's fire-and-forget sink
+SHADOW_CONNECT_TIMEOUT_MS = 100  # a hop waits at most this for the sink (which answers before it forwards anything)
+SHADOW_READ_TIMEOUT_MS = 500
 KEY_KINDS = ("inference", "management", "feedback")
 MANAGEMENT_TIMEOUT_S = 300  # `ctl scale` waits synchronously for workers (180 s by default)
 
@@ -97,6 +100,21 @@ class ReplicaRoute:
     management_key: str
 
 
+@dataclass(frozen=True)
+class TrafficSplit:
+    """A gradual rollout as every hop applies it (scripts/deploy/traffic.py keeps the state).
+
+    ``shadow``: each prediction of ``model``'s default version is also sent, by nginx's ``mirror``, to the
+    shadow sink (run/shadow.sock), which answers at once and forwards it to ``candidate`` (``percent`` of them: a
+    sample, to bound the candidate's cost); ``canary``: ``percent`` of them go to ``candidate`` instead (split_clients
+    on nginx's own random request id)."""
+
+    model: str
+    candidate: str
+    mode: str  # "shadow" | "canary"
+    percent: float = 0.0
+
+
 @dataclass
 class HopSettings:
     """What replica ``index``'s hop serves: its route (None until it has written its keys) and whether it is in rotation."""
@@ -107,6 +125,7 @@ class HopSettings:
     serving: bool = True  # False: predictions answered 503 at once, so the gateway tries another replica
     why: str = ""  # why it is out of rotation, in the 503's message: "restarting", "not ready"
     read_timeout_s: int = 30
+    split: TrafficSplit | None = None  # a shadow or canary rollout in progress (the same on every hop)
 
 
 @dataclass
@@ -322,7 +341,7 @@ def _feedback_routes(settings: GatewaySettings, keys: dict, api: str) -> str:
                 f"        location @feedback_too_large {{ default_type application/json; add_header X-Request-ID $req_id always; "
                 f"{too_large} }}")
     if api == "management":  # the management key, checked by the server: the summary and the labelled set for retraining
-        return f"""        location ~ ^/feedback/[A-Za-z0-9._-]+/(summary|export)$ {{
+        return f"""        location ~ ^/feedback/[A-Za-z0-9._-]+/(summary|export|compare)$ {{
             if ($request_method != GET) {{ return 405; }}
             {common}
         }}
@@ -384,6 +403,61 @@ def _replica_blocks(settings: GatewaySettings) -> tuple[str, str, str]:
     return "\n".join(servers), "\n".join(mgmt), "\n".join(metrics)
 
 
+def _split_http(hop: HopSettings) -> str:
+    """The hop's http-level part of a rollout: the canary's split, or the shadow sink's upstream."""
+    split = hop.split
+    if split is None:
+        return "    # no rollout in progress"
+    if split.mode == "canary":
+        return (f"    # canary: {split.percent:g} % of {split.model}'s default predictions go to {split.candidate}\n"
+                f'    split_clients "${{request_id}}" $rollout_uri {{\n'
+                f"        {split.percent:g}% /predictions/{split.model}/{split.candidate};\n"
+                f"        * /predictions/{split.model};\n    }}")
+    sample = "" if split.percent >= 100 else (
+        f'\n    split_clients "${{request_id}}" $shadow_skip {{\n        {split.percent:g}% "";\n        * 1;\n    }}')
+    return (f"    # shadow: {split.percent:g} % of {split.model}'s default predictions are mirrored to the sink, which "
+            f"forwards them to {split.candidate}\n    upstream shadow_sink {{\n        server unix:{hop.run_dir / SHADOW_SOCKET};"
+            f"\n        keepalive 16;\n    }}{sample}")
+
+
+def _split_locations(hop: HopSettings, auth: str) -> str:
+    """The hop's route for the model's default predictions while a rollout is in progress ("" when none is).
+
+    Canary: the share picked by split_clients is proxied to the candidate's versioned URL. Shadow: the client's
+    answer comes from the default version as always; nginx's ``mirror`` sends a copy to the shadow sink, which answers
+    at once (before it forwards anything), so a slow, failing or killed candidate never holds a client's request or
+    the gateway's keep-alive connection (a mirror subrequest must end before its connection serves the next request).
+    The sink being down or stuck costs at most the short timeouts below, and only while it is so."""
+    split = hop.split
+    if split is None:
+        return ""
+    target = "http://torchserve$rollout_uri" if split.mode == "canary" else "http://torchserve"
+    mirror = "" if split.mode == "canary" else "\n            mirror /_shadow;\n            mirror_request_body on;"
+    text = f"""        location = /predictions/{split.model} {{
+            proxy_pass {target};{mirror}
+            {auth}
+            proxy_intercept_errors on;
+            error_page 507 = @worker_died;
+            error_page 404 = @not_found;
+        }}
+"""
+    if split.mode == "shadow":
+        text += f"""        location = /_shadow {{
+            internal;
+            if ($http_describe) {{ return 204; }}  # metadata requests (v2 GET /v2/models/<m>) are not predictions
+{"            if ($shadow_skip) { return 204; }  # not in the sample" + chr(10) if split.percent < 100 else ""}            proxy_pass http://shadow_sink/shadow/{split.model}/{split.candidate};
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "";
+            proxy_set_header X-Shadow-Replica {hop.index};
+            proxy_connect_timeout {SHADOW_CONNECT_TIMEOUT_MS}ms;
+            proxy_send_timeout {SHADOW_READ_TIMEOUT_MS}ms;
+            proxy_read_timeout {SHADOW_READ_TIMEOUT_MS}ms;
+            proxy_next_upstream off;
+        }}
+"""
+    return text
+
+
 def render_hop(hop: HopSettings) -> str:
     """Replica ``hop.index``'s hop: its keys and ports when known and serving; 503s that say why otherwise."""
     r, i = hop.route, hop.index
@@ -406,7 +480,7 @@ def render_hop(hop: HopSettings) -> str:
         # TorchServe answers an unknown model or version 404 (the handler never does).
         not_found = ("Nothing is served at $uri: no such model, or no such version of it. The models and versions "
                      "served: GET /models on the management port (management key), GET /v2/models/<model> (v2).")
-        inference = f"""        location / {{
+        inference = f"""{_split_locations(hop, auth(r.inference_key))}        location / {{
             proxy_pass http://torchserve;
             {auth(r.inference_key)}
             proxy_intercept_errors on;
@@ -433,6 +507,7 @@ def render_hop(hop: HopSettings) -> str:
         "read_timeout": f"{hop.read_timeout_s}s",
         "management_timeout": f"{MANAGEMENT_TIMEOUT_S}s",
         "upstreams": upstreams,
+        "split": _split_http(hop) if r is not None and hop.serving else "    # no rollout in progress",
         "inference": inference,
         "management": management,
         "metrics": metrics,
@@ -587,10 +662,31 @@ class Nginx:
                 continue
         return ended
 
-    def reload(self) -> None:
+    def workers(self) -> set[int]:
+        pid = self.pid()
+        try:
+            return {w.pid for w in psutil.Process(pid).children()} if pid else set()
+        except psutil.Error:
+            return set()
+
+    def reload(self) -> set[int]:
+        """SIGHUP: new workers with the new configuration; the old ones finish their requests, then exit.
+        Returns the old workers' pids."""
+        before = self.workers()
         pid = self.pid()
         if pid:
             os.kill(pid, signal.SIGHUP)
+        return before
+
+    def wait_reloaded(self, old_workers: set[int], timeout: float = 30.0) -> bool:
+        """Until none of ``old_workers`` is left and a new one runs: anything sent from now on meets the new config."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.workers()
+            if now and not now & old_workers:
+                return True
+            time.sleep(0.05)
+        return False
 
     def reopen_logs(self) -> None:
         pid = self.pid()

@@ -15,6 +15,9 @@ A child of the supervisor (scripts/deploy/supervisor.py), restarted when it dies
   ``GET /feedback/<model>/summary``           per version: labelled, correct, accuracy, 95 % interval, by flag/label
   ``GET /feedback/<model>/review?limit=N``    what to label next, with the canonical input as a PNG
   ``GET /feedback/<model>/export?after=&limit=``  labelled answers with their inputs (management port only)
+  ``GET /feedback/<model>/compare?baseline=&candidate=&limit=``  both versions' answers to the same requests, side
+                                              by side, with the label given where there is one (management port only;
+                                              ``ctl compare``)
   ``GET /metrics``                            ``feedback_*`` counters from the store, the recorder's own
   ==========================================  ================================================================
 
@@ -63,7 +66,8 @@ from scripts.deploy.store import (
 )
 
 log = logging.getLogger("recorder")
-ROUTE = re.compile(r"^/feedback/([A-Za-z0-9._-]+)(?:/(summary|review|export))?$")
+ROUTE = re.compile(r"^/feedback/([A-Za-z0-9._-]+)(?:/(summary|review|export|compare))?$")
+VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_BODY = 1 * 2**20
 API_HEADER = "X-Feedback-Api"  # set by the gateway: "feedback" (inference port, feedback key) or "management"
 
@@ -81,6 +85,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention-mb", type=float, default=float(env("FEEDBACK_RETENTION_MB", "1024")),
                    help="the answers' inputs and uploads are kept under this size, oldest unlabelled deleted first (0: no limit)")
     p.add_argument("--prune-interval", type=float, default=60.0, help="seconds between retention passes")
+    p.add_argument("--rollout-state", type=Path, default=None,
+                   help="the supervisor's rollout.json: the comparison's gauges follow its live and candidate versions")
     p.add_argument("--wait-for-answer", type=float, default=3.0,
                    help="a label for an answer not in the store yet waits this long for another host's recorder to add it")
     return p
@@ -279,12 +285,57 @@ class Recorder:
             it["input_png"] = png(it.pop("input_shape"), it.pop("input"))
         return {"model": model, "items": items, "next": items[-1]["id"] if len(items) == limit else None}
 
+    def compare(self, model: str, query: dict) -> dict:
+        versions = {}
+        for name in ("baseline", "candidate"):
+            value = query.get(name, [""])[0]
+            if not VERSION.match(value):
+                raise MalformedFeedback(f"?{name}= must name a version ([A-Za-z0-9._-]); got {value[:70]!r}.")
+            versions[name] = value
+        self.ingest_now()  # what the workers spooled up to now
+        return self.need_store().compare(model, versions["baseline"], versions["candidate"],
+                                         limit=_int(query, "limit", 100_000, 1, 1_000_000))
+
+    def rollout_pair(self) -> tuple[str, str, str] | None:
+        """(model, baseline, candidate) the comparison's gauges are about: the rollout in progress, else the last promote."""
+        try:
+            state = json.loads(self.args.rollout_state.read_text()) if self.args.rollout_state else None
+        except (OSError, ValueError):
+            return None
+        if not state:
+            return None
+        if state.get("candidate"):
+            return state["model"], state["live"], state["candidate"]
+        if state.get("previous"):
+            return state["model"], state["previous"], state["live"]
+        return None
+
+    def rollout_lines(self) -> list[str]:
+        pair = self.rollout_pair()
+        if pair is None or self.store is None:
+            return []
+        counts = self.store.compare_counts(*pair)
+        labels = f'ModelName="{pair[0]}",Baseline="{pair[1]}",Candidate="{pair[2]}"'
+        lines = []
+        for name, key, text in (
+                ("rollout_compared_answers", "paired", "Answers both the baseline and the candidate gave to the same "
+                 "requests (shadow or canary), in the store."),
+                ("rollout_agreeing_answers", "agreeing", "Of those, the answers whose labels are the same.")):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name}{{{labels}}} {counts[key]}"]
+        for name, key, text in (("rollout_uncertain_answers", "uncertain", "uncertain"),
+                                ("rollout_ood_answers", "ood", "out of distribution")):
+            lines += [f"# HELP {name} Of the compared answers, those each side marked {text}.", f"# TYPE {name} gauge"]
+            lines += [f'{name}{{{labels},Side="{side}"}} {counts[f"{key}_{part}"]}'
+                      for side, part in (("baseline", "live"), ("candidate", "candidate"))]
+        return lines
+
     def metrics(self) -> str:
         lines = []
         up = 0
         if self.store is not None:
             try:
                 lines += self.store.metrics_lines()
+                lines += self.rollout_lines()
                 up = 1
             except Exception as exc:
                 log.warning("store metrics unavailable: %s", exc)
@@ -351,12 +402,12 @@ class Recorder:
                         self._send(200, recorder.need_store().summary(model))
                     elif what == "review" and method == "GET":
                         self._send(200, recorder.review(model, query))
-                    elif what == "export" and method == "GET":
+                    elif what in ("export", "compare") and method == "GET":
                         if api != "management":
                             self._send(403, {"code": 403, "type": "Forbidden", "message":
-                                             "The labelled set is exported on the management port, with the management key."})
+                                             f"/{what} is served on the management port, with the management key."})
                             return
-                        self._send(200, recorder.export(model, query))
+                        self._send(200, recorder.export(model, query) if what == "export" else recorder.compare(model, query))
                     else:
                         self._send(405, {"code": 405, "type": "MethodNotAllowed", "message":
                                          f"Use POST /feedback/{model} to label, GET for /summary, /review and /export."})

@@ -28,9 +28,12 @@ KEY_LIFETIME_MIN = 60 * 24 * 365
 
 class Replica:
     def __init__(self, index: int, run_dir: Path, model_store: Path, overrides: dict[str, str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, generation: int = 0):
         self.index = index
-        self.workdir = run_dir / f"replica-{index}"
+        # A replica replaced while it serves (a version staged beside the others: scripts/deploy/traffic.py) runs
+        # beside its successor for a while: each generation has its own folder and worker ports.
+        self.generation = generation
+        self.workdir = run_dir / (f"replica-{index}" if generation == 0 else f"replica-{index}-g{generation}")
         self.model_store = model_store
         self.overrides = overrides or {}
         self.env = env or {}  # for its workers: where they spool answers (handler/record.py)
@@ -44,8 +47,8 @@ class Replica:
         self.workdir.chmod(0o700)
         overrides = {
             "token_expiration_min": str(KEY_LIFETIME_MIN),
-            "initial_worker_port": str(9000 + 1000 * (self.index + 1)),
-            "initial_distribution_port": str(29500 + 100 * (self.index + 1)),
+            "initial_worker_port": str(9000 + 1000 * (self.index + 1) + 500 * (self.generation % 2)),
+            "initial_distribution_port": str(29500 + 100 * (self.index + 1) + 50 * (self.generation % 2)),
             **self.overrides,
         }
         config = write_config(self.workdir, self.model_store, overrides)

@@ -3,6 +3,14 @@
     python -m scripts.deploy.rollout --version 2.0                               # models/fashion_cnn.pt as 2.0
     python -m scripts.deploy.rollout --version 2.0 --model-file new.pt --retire unregister
     python -m scripts.deploy.rollout --version 2.0 --model-config v2-config.yaml  # another serving policy
+    python -m scripts.deploy.rollout --version 2.0 --stage   # load beside the live version on every replica, no switch
+
+``--stage`` (``make rollout VERSION=2.0 ROLLOUT_ARGS="--stage"``) stops after step 3: the version is loaded beside
+the default, which keeps answering everything; then ``ctl shadow``, ``ctl canary``, ``ctl compare``, ``ctl promote``
+or ``ctl rollback`` (docs/operations.md, "Gradual rollout"). Against the serving stack (``make serve``) it works with
+the shipped configuration (model API off): the supervisor replaces each replica in turn by one that also loads the
+new archive (scripts/deploy/traffic.py), losing no request; against a TorchServe reached directly it needs the
+model API, as step 2 does.
 
 Steps (docs/operations.md explains them and the choices):
 1. package the TorchScript file as ``<name>_v<version>.mar`` in the model store (built in a
@@ -54,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=60.0, help="max seconds to wait for the old queue to empty")
     p.add_argument("--grace", type=float, default=2.0, help="seconds to wait after the old queue is empty")
     p.add_argument("--example", type=Path, default=EXAMPLE, help="image for the canary request")
+    p.add_argument("--stage", action="store_true",
+                   help="load the version beside the default on every replica and stop there (no switch)")
+    p.add_argument("--stage-timeout", type=float, default=900.0, help="seconds to wait for the stage (every replica)")
     ctl.add_connection_args(p)
     return p
 
@@ -111,7 +122,67 @@ def drain(client: TorchServeClient, name: str, version: str, timeout: float, gra
     time.sleep(grace)  # a batch already taken by a worker is no longer "pending"
 
 
+def stack_rollout(client: TorchServeClient, name: str) -> dict | None:
+    """The serving stack's rollout state (GET /rollout/<model>), or None for a TorchServe reached directly."""
+    try:
+        return ctl.rollout_call(client, "GET", name)
+    except ctl.Refused as exc:
+        if "need the serving stack" in str(exc):
+            return None
+        raise
+
+
+def stage(args) -> int:
+    """Load the version beside the default on every replica without switching anything."""
+    client = ctl.connect(args)
+    state = stack_rollout(client, args.name)
+    if state is None:  # a TorchServe reached directly: its model API loads it beside
+        versions = ctl.model_state(client, args.name)
+        if not any(v["version"] == args.version for v in versions):
+            if not client.model_api_enabled():
+                raise model_api_off(args)
+            old = next(v for v in versions if v["default"])
+            url = package_into_store(args, model_store(args.config, args.workdir))
+            load_beside(client, args, url, args.workers or old["min_workers"] or 1)
+    elif state["live"] == args.version:
+        raise ctl.Refused(f"{args.name} {args.version} is already the live version")
+    elif state["replicas"] and all(versions.get(args.version) for versions in state["replicas"].values()):
+        print(f"{args.name} {args.version} is already loaded with a READY worker on every replica: nothing to stage")
+    else:
+        url = package_into_store(args, model_store(args.config, args.workdir))
+        resp = client.request("management", "POST", f"/rollout/{args.name}/stage",
+                              json={"version": args.version, "archive": url}, check=False)
+        if resp.status_code != 202:
+            raise ctl.Refused(resp.json().get("message", resp.text[:300]) if resp.headers.get("Content-Type", "").startswith(
+                "application/json") else resp.text[:300])
+        print(f"staging {args.name} {args.version} on every replica (each replaced in turn, no request lost) ...", flush=True)
+        deadline, shown = time.monotonic() + args.stage_timeout, -1
+        while True:
+            staging = ctl.rollout_call(client, "GET", args.name).get("staging") or {}
+            if len(staging.get("done", [])) != shown:
+                shown = len(staging.get("done", []))
+                print(f"  replicas done: {staging.get('done')}", flush=True)
+            if staging.get("finished"):
+                break
+            if time.monotonic() > deadline:
+                raise ctl.Refused(f"the stage did not finish within {args.stage_timeout:g} s; GET /rollout/{args.name} "
+                                  "and logs/supervisor.log show where it is")
+            time.sleep(1.0)
+        if staging.get("error"):
+            raise ctl.Refused(f"staging {args.name} {args.version} failed: {staging['error']} (logs/supervisor.log); the "
+                              "live version serves as before")
+    answer = canary(client, args)
+    print(f"{args.name} {args.version} answers on its own URL: {args.example.name} -> {answer['label']} "
+          f"{answer['confidence']:.3f}; the default is unchanged ({client.default_version(args.name)})")
+    print(f"next: python -m scripts.ops.ctl shadow {args.name} {args.version}, then ctl compare {args.name} {args.version}, "
+          f"ctl canary {args.name} {args.version} --percent 5, ctl promote {args.name} {args.version} (or ctl rollback "
+          f"{args.name})")
+    return 0
+
+
 def rollout(args) -> int:
+    if args.stage:
+        return stage(args)
     client = ctl.connect(args)
     versions = ctl.model_state(client, args.name)
     old = next(v for v in versions if v["default"])

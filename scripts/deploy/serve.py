@@ -387,7 +387,8 @@ def leftover(args) -> None:
                 os.kill(pid, signal.SIGQUIT)
         except psutil.Error:
             pass
-    for key, module in (("grpc_pid", "scripts.deploy.grpc_service"), ("recorder_pid", "scripts.deploy.recorder")):
+    for key, module in (("grpc_pid", "scripts.deploy.grpc_service"), ("recorder_pid", "scripts.deploy.recorder"),
+                        ("shadow_pid", "scripts.deploy.shadow")):
         try:  # the gRPC service and the recorder, if they are still ours
             pid = st.get(key)
             if pid and module in " ".join(psutil.Process(pid).cmdline()):

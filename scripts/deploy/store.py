@@ -45,6 +45,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     create_engine,
     event,
     exists,
@@ -616,6 +617,49 @@ class Store:
             if len(out) == limit:
                 break
         return out
+
+    # --- two versions on the same requests (a shadow or canary rollout) -----------------------------------------
+    def _pairs(self, model: str, baseline: str, candidate: str):
+        a, b = PREDICTIONS.alias("a"), PREDICTIONS.alias("b")
+        joined = a.join(b, and_(b.c.model == a.c.model, b.c.request_id == a.c.request_id, b.c.item == a.c.item,
+                                b.c.version == candidate))
+        return a, b, joined, and_(a.c.model == model, a.c.version == baseline)
+
+    def compare(self, model: str, baseline: str, candidate: str, limit: int = 100_000) -> dict:
+        """The answers both versions gave to the same requests (newest first, at most ``limit``), side by side, with
+        the label given where there is one; and how many answers each version gave that the other did not."""
+        a, b, joined, where = self._pairs(model, baseline, candidate)
+        cols = [a.c.request_id, a.c.item, a.c.time, a.c.label, a.c.confidence, a.c.uncertain, a.c.ood,
+                b.c.label, b.c.confidence, b.c.uncertain, b.c.ood, FEEDBACK.c.label]
+        query = (select(*cols).select_from(joined.outerjoin(FEEDBACK, and_(
+                    FEEDBACK.c.model == a.c.model, FEEDBACK.c.request_id == a.c.request_id, FEEDBACK.c.item == a.c.item)))
+                 .where(where).order_by(a.c.time.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            self.classes(conn, model)
+            rows = conn.execute(query).all()
+            counts = dict(conn.execute(select(PREDICTIONS.c.version, func.count()).where(
+                PREDICTIONS.c.model == model, PREDICTIONS.c.version.in_([baseline, candidate]))
+                .group_by(PREDICTIONS.c.version)).all())
+            paired = conn.execute(select(func.count()).select_from(joined).where(where)).scalar() or 0
+        names = ("request_id", "item", "time", "label", "confidence", "uncertain", "ood")
+        pairs = [{**dict(zip(names, r[:7])), "candidate": {"label": r[7], "confidence": r[8], "uncertain": bool(r[9]),
+                                                            "ood": bool(r[10])}, "truth": r[11]} for r in rows]
+        for p in pairs:
+            p["uncertain"], p["ood"] = bool(p["uncertain"]), bool(p["ood"])
+        return {"model": model, "baseline": baseline, "candidate": candidate, "paired": int(paired),
+                "recorded": {v: int(counts.get(v, 0)) for v in (baseline, candidate)}, "pairs": pairs}
+
+    def compare_counts(self, model: str, baseline: str, candidate: str) -> dict:
+        """For the Prometheus gauges: answers both gave, how many agree, and each side's uncertain and
+        out-of-distribution answers among them."""
+        a, b, joined, where = self._pairs(model, baseline, candidate)
+        s = lambda cond: func.coalesce(func.sum(case((cond, 1), else_=0)), 0)  # noqa: E731
+        with self.engine.connect() as conn:
+            row = conn.execute(select(func.count(), s(a.c.label == b.c.label), s(a.c.uncertain.is_(True)),
+                                      s(b.c.uncertain.is_(True)), s(a.c.ood.is_(True)), s(b.c.ood.is_(True)))
+                               .select_from(joined).where(where)).one()
+        return dict(zip(("paired", "agreeing", "uncertain_live", "uncertain_candidate", "ood_live", "ood_candidate"),
+                        (int(x) for x in row)))
 
     def known(self, model: str, request_id: str, item: int) -> bool:
         with self.engine.connect() as conn:

@@ -24,7 +24,10 @@ The supervisor (one thread of ``python -m scripts.deploy.serve run``)
   port, and restarts it when it dies;
 - runs the recorder (scripts/deploy/recorder.py): every replica's workers append each answer to
   their spool (run/spool/replica-<i>/, handler/record.py), the recorder ingests it into the feedback
-  store and serves ``/feedback`` behind the gateway; restarted when it dies, its metrics merged.
+  store and serves ``/feedback`` behind the gateway; restarted when it dies, its metrics merged;
+- owns the gradual rollout (scripts/deploy/traffic.py: ``/rollout/<model>`` behind the management port): a
+  version staged beside the live one on every replica, shadow and canary rendered into every hop, promote and
+  rollback; and runs the shadow sink (scripts/deploy/shadow.py) the hops mirror to, restarted when it dies.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from handler.request import PROBE_HEADER
 from scripts.deploy.gateway import (
     FEEDBACK_SOCKET,
     GRPC_SOCKET,
+    SHADOW_SOCKET,
     Gateway,
     GatewaySettings,
     Hop,
@@ -62,6 +66,7 @@ from scripts.deploy.gateway import (
 )
 from scripts.deploy.harness import EXAMPLE, REPO
 from scripts.deploy.replicas import Replica
+from scripts.deploy.traffic import RolloutError, Rollouts, state_file
 from scripts.ops import capacity as capacity_mod
 from scripts.ops.tsclient import TorchServeClient, read_properties
 
@@ -76,6 +81,7 @@ log = logging.getLogger("supervisor")
 # GET /v2: what the Open Inference Protocol calls server metadata; the extensions are those handler/v2.py serves.
 V2_EXTENSIONS = ["binary_tensor_data", "parameters"]
 V2_MODEL_READY = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/ready$")
+ROLLOUT_ROUTE = re.compile(r"^/rollout/([A-Za-z0-9._-]+)(/stage)?$")
 
 
 @dataclass
@@ -175,13 +181,13 @@ class RecorderService(GrpcService):
         self.socket = opts.run_dir / FEEDBACK_SOCKET
         self.log = opts.log_dir / "recorder.log"
         self.command = [sys.executable, "-m", "scripts.deploy.recorder", "--spool", str(opts.run_dir / "spool"),
-                        "--socket", str(self.socket),
+                        "--socket", str(self.socket), "--rollout-state", str(state_file(opts.run_dir)),
                         "--retention-days", str(opts.retention_days), "--retention-mb", str(opts.retention_mb)]
         self.env = {**os.environ, "FEEDBACK_STORE": opts.store_location()}  # a DSN's password stays out of `ps`
         self.proc = None
 
     def metrics(self) -> str:
-        """Its /metrics text (the feedback counters from the store, its own), or "" when it does not answer."""
+        """Its /metrics text, or "" when it does not answer."""
         import http.client
         import socket as socketlib
 
@@ -197,6 +203,19 @@ class RecorderService(GrpcService):
             return ""
         finally:
             conn.close()
+
+
+class ShadowSink(RecorderService):
+    """scripts/deploy/shadow.py, a child of the supervisor on run/shadow.sock (the hops mirror to it in a shadow rollout)."""
+
+    name = "the shadow sink"
+
+    def __init__(self, opts: StackOptions):
+        self.socket = opts.run_dir / SHADOW_SOCKET
+        self.log = opts.log_dir / "shadow.log"
+        self.command = [sys.executable, "-m", "scripts.deploy.shadow", "--socket", str(self.socket),
+                        "--run-dir", str(opts.run_dir)]
+        self.env, self.proc = None, None
 
 
 def record_settings(opts: StackOptions, index: int) -> Path:
@@ -220,6 +239,9 @@ class Stack:
         self.grpc_restarts = 0
         self.recorder: RecorderService | None = None
         self.recorder_restarts = 0
+        self.rollouts = Rollouts(self)
+        self.shadow: ShadowSink | None = None
+        self.shadow_restarts = 0
         self.models: dict[int, dict[str, dict[str, bool]]] = {}  # replica -> model -> version -> a worker is READY
         self.hops: dict[int, Hop] = {}
         self.capacity: capacity_mod.Capacity | None = None
@@ -260,6 +282,9 @@ class Stack:
         for r in self.replicas:
             self.health[r.index] = Health(ready=True, checked_at=time.monotonic(), detail="answered at start")
             self.refresh_models(r)
+        self.rollouts.start()
+        self.shadow = ShadowSink(opts)
+        self.shadow.start()
         vmargs = read_properties(self.replicas[0].server.config).get("vmargs", "")
         self.capacity = capacity_mod.measure([r.pid() for r in self.replicas], vmargs)
         log.info("worker cap: %d per replica (%s)", self.capacity.cap, json.dumps(self.capacity.to_json()))
@@ -296,6 +321,9 @@ class Stack:
             self.grpc.stop()
         for hop in self.hops.values():
             hop.stop()
+        if self.shadow is not None:
+            self.shadow.stop()
+        self.rollouts.stop()
 
         def stop_one(replica: Replica) -> None:
             with replica.lock:
@@ -331,10 +359,15 @@ class Stack:
         # Out of rotation while restarting, or while not ready and another replica is (none ready: keep trying all).
         why = "restarting" if h.restarting else ("not ready" if ready and replica.index not in ready else "")
         return HopSettings(run_dir=self.opts.run_dir, index=replica.index, route=self._routes.get(replica.index),
-                           serving=not why, why=why)
+                           serving=not why, why=why, split=self.rollouts.split())
 
-    def sync_hops(self, why: str) -> None:
-        """Re-render every hop; reload those whose config changed. A config nginx refuses is logged, the running one kept."""
+    def retire_probe_client(self, index: int) -> None:
+        self._probe_clients.pop(index, None)
+
+    def sync_hops(self, why: str, wait: bool = False) -> None:
+        """Re-render every hop; reload those whose config changed. A config nginx refuses is logged, the running one kept.
+        ``wait``: return once every reloaded hop serves its new configuration only (its old workers are gone)."""
+        reloaded = []
         with self.render_lock:
             if self.stopping.is_set():
                 return
@@ -351,9 +384,12 @@ class Stack:
                     log.exception("%s not reloaded (%s): the running configuration stays", hop.name, why)
                     continue
                 if changed:
-                    hop.reload()
+                    reloaded.append((hop, hop.reload()))
                     log.info("%s reloaded (%s): %s", hop.name, why,
                              "in rotation" if hop.settings.serving else f"out of rotation, {hop.settings.why}")
+        for hop, old_workers in reloaded if wait else []:
+            if not hop.wait_reloaded(old_workers):
+                log.warning("%s: old workers still running after 30 s (%s)", hop.name, why)
 
     def publish(self) -> None:
         """run/replicas.json: what GET /replicas on the management port answers; run/state.json for `serve stop`."""
@@ -370,6 +406,7 @@ class Stack:
                       json.dumps({**state, "model": self.opts.model, "pid": os.getpid(), "gateway_pid": self.gateway.pid() if self.gateway else None,
                                   "grpc_pid": self.grpc.pid() if self.grpc else None,
                                   "recorder_pid": self.recorder.pid() if self.recorder else None,
+                                  "shadow_pid": self.shadow.pid() if self.shadow else None,
                                   "hop_pids": [hop.pid() for hop in self.hops.values()]}, indent=2))
         os.replace(path.with_name("state.json.new"), path)
 
@@ -389,6 +426,8 @@ class Stack:
                 self.restart_grpc()
             if self.recorder is not None and self.recorder.pid() is None and not self.stopping.is_set():
                 self.restart_recorder()
+            if self.shadow is not None and self.shadow.pid() is None and not self.stopping.is_set():
+                self.restart_shadow()
             if time.monotonic() >= next_probe:
                 self.probe_all()
                 self.count_responses()
@@ -414,6 +453,15 @@ class Stack:
             self.publish()
         except Exception:
             log.exception("%s did not restart; trying again", self.grpc.name)
+
+    def restart_shadow(self) -> None:
+        self.shadow_restarts += 1
+        log.error("%s is gone: restarting it (restart %d)", self.shadow.name, self.shadow_restarts)
+        try:
+            self.shadow.start()
+            self.publish()
+        except Exception:
+            log.exception("%s did not restart; trying again", self.shadow.name)
 
     def restart_recorder(self) -> None:
         self.recorder_restarts += 1
@@ -598,8 +646,33 @@ class Stack:
         if self.capacity is not None:
             own += ["# HELP gateway_worker_cap Workers per replica the gateway allows (scripts/ops/capacity.py).",
                     "# TYPE gateway_worker_cap gauge", f"gateway_worker_cap {self.capacity.cap}"]
+        own += self.rollout_metrics()
         recorded = self.recorder.metrics() if self.recorder is not None else ""
-        return merge_metrics(texts) + "\n".join(own) + "\n" + recorded
+        shadowed = self.shadow.metrics() if self.shadow is not None else ""
+        return merge_metrics(texts) + "\n".join(own) + "\n" + recorded + shadowed
+
+    def rollout_metrics(self) -> list[str]:
+        state = self.rollouts.state
+        if state is None:
+            return []
+        lines = ["# HELP gateway_rollout_share The share of the model's default predictions each version answers "
+                 "(1 = all; a canary splits it; a shadow candidate answers copies only, at 0).",
+                 "# TYPE gateway_rollout_share gauge"]
+        versions = {state.live: 1.0}
+        if state.mode == "canary":
+            versions = {state.live: 1 - state.percent / 100, state.candidate: state.percent / 100}
+        elif state.candidate:
+            versions = {state.live: 1.0, state.candidate: 0.0}
+        lines += [f'gateway_rollout_share{{ModelName="{state.model}",ModelVersion="{v}"}} {share:g}'
+                  for v, share in versions.items()]
+        lines += ["# HELP gateway_rollout_shadow The share of the default predictions mirrored to the version (shadow).",
+                  "# TYPE gateway_rollout_shadow gauge"]
+        lines += [f'gateway_rollout_shadow{{ModelName="{state.model}",ModelVersion="{v}"}} '
+                  f'{state.percent / 100 if state.mode == "shadow" and v == state.candidate else 0:g}' for v in versions]
+        if self.shadow is not None:
+            lines += ["# HELP gateway_shadow_restarts_total Restarts of the shadow sink (scripts/deploy/shadow.py).",
+                      "# TYPE gateway_shadow_restarts_total counter", f"gateway_shadow_restarts_total {self.shadow_restarts}"]
+        return lines
 
     def start_status_server(self) -> None:
         sock = self.opts.run_dir / "supervisor.sock"
@@ -625,10 +698,55 @@ class Stack:
                     payload, ctype = json.dumps(body).encode(), "application/json"
                 elif path == "/metrics":
                     code, payload, ctype = 200, stack.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8"
+                elif ROLLOUT_ROUTE.match(path):
+                    self.rollout("GET")
+                    return
                 else:
                     code, payload, ctype = 404, b'{"code":404}', "application/json"
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_PUT(self):  # noqa: N802
+                self.rollout("PUT")
+
+            def do_POST(self):  # noqa: N802
+                self.rollout("POST")
+
+            def rollout(self, method: str) -> None:
+                """/rollout/<model>: GET the state; PUT an action; POST /rollout/<model>/stage a version (async)."""
+                match = ROLLOUT_ROUTE.match(urlsplit(self.path).path)
+                try:
+                    body = self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 65536))
+                    if match is None:
+                        code, answer = 404, {"code": 404, "type": "NotFound", "message": "Rollout routes: GET and PUT "
+                                             "/rollout/<model>, POST /rollout/<model>/stage."}
+                    else:
+                        model, stage = match.groups()
+                        doc = json.loads(body or b"{}") if method != "GET" else {}
+                        if method == "GET" and not stage:
+                            code, answer = 200, stack.rollouts.describe(model)
+                        elif method == "PUT" and not stage:
+                            code, answer = 200, stack.rollouts.act(model, doc)
+                        elif method == "POST" and stage:
+                            code, answer = 202, stack.rollouts.stage(model, doc)
+                        else:
+                            code, answer = 405, {"code": 405, "type": "MethodNotAllowed", "message": "GET or PUT "
+                                                 "/rollout/<model> (state, action); POST /rollout/<model>/stage."}
+                except RolloutError as exc:
+                    code, answer = exc.status, exc.to_body()
+                except ValueError as exc:
+                    code, answer = 400, {"code": 400, "type": "BadRolloutRequest", "message": f"The body is not JSON: {exc}"}
+                except Exception as exc:  # a replica failing mid-operation: say so, the state is unchanged or logged
+                    log.exception("rollout request failed")
+                    code, answer = 502, {"code": 502, "type": "RolloutFailed", "message":
+                                         f"{type(exc).__name__}: {str(exc)[:300]}; logs/supervisor.log has the details. "
+                                         "GET /rollout/<model> shows what applies now."}
+                payload = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

@@ -295,6 +295,7 @@ class Monitoring:
     alerts: list[Alert]
     panels: list[Panel]
     feedback_rules: list[Record] = field(default_factory=list)
+    rollout_rules: list[Record] = field(default_factory=list)
 
 
 # recorded series (names follow level:metric:operation)
@@ -345,6 +346,12 @@ FB_EXPECTED_ACC = "model_version:feedback_expected_accuracy:ratio"
 FB_ERRORS = "model_version:feedback_expected_errors:increase"
 FB_STORE_UP = "job:feedback_store_up:min"
 RECORD_LOST = "model_version:record_lost:increase"
+ROLLOUT_AGREEMENT = "model_candidate:rollout_agreement:ratio"
+ROLLOUT_UNCERTAIN = "model_candidate_side:rollout_uncertain:ratio"
+ROLLOUT_OOD = "model_candidate_side:rollout_out_of_distribution:ratio"
+SHADOW_RATE = "model_version_outcome:shadow_requests:rate"
+SHADOW_P50 = "model_version:shadow_latency_seconds:p50"
+SHADOW_P90 = "model_version:shadow_latency_seconds:p90"
 MV = "ModelName, ModelVersion"
 
 
@@ -456,6 +463,20 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
         Record(FB_EXPECTED_ACC, f"{FB_EXPECTED} / ({FB_TESTED} > 0)"),
         Record(FB_STORE_UP, "min(recorder_store_up)"),
         Record(RECORD_LOST, f"sum by ({MV}) (increase(RecordLost{{{sel}}}[{ow}]))"),
+    ]
+    # A gradual rollout (ctl shadow / canary; docs/operations.md): the recorder's gauges of both versions' answers to
+    # the same requests, and the shadow sink's outcomes and answer time.
+    pair = "ModelName, Baseline, Candidate"
+    rollout_rules = [
+        Record(ROLLOUT_AGREEMENT, f"sum by ({pair}) (rollout_agreeing_answers{{{sel}}}) / "
+                                  f"(sum by ({pair}) (rollout_compared_answers{{{sel}}}) > 0)"),
+        Record(ROLLOUT_UNCERTAIN, f"sum by ({pair}, Side) (rollout_uncertain_answers{{{sel}}}) / on({pair}) group_left() "
+                                  f"(sum by ({pair}) (rollout_compared_answers{{{sel}}}) > 0)"),
+        Record(ROLLOUT_OOD, f"sum by ({pair}, Side) (rollout_ood_answers{{{sel}}}) / on({pair}) group_left() "
+                            f"(sum by ({pair}) (rollout_compared_answers{{{sel}}}) > 0)"),
+        Record(SHADOW_RATE, f"sum by ({MV}, outcome) (rate(shadow_requests_total{{{sel}}}[{ow}]))"),
+        Record(SHADOW_P50, f"histogram_quantile(0.5, sum by ({MV}, le) (rate(shadow_latency_seconds_bucket{{{sel}}}[{ow}])))"),
+        Record(SHADOW_P90, f"histogram_quantile(0.9, sum by ({MV}, le) (rate(shadow_latency_seconds_bucket{{{sel}}}[{ow}])))"),
     ]
 
     fq, fo = timing.for_quality, timing.for_ops
@@ -661,8 +682,19 @@ def build(src: Source, timing: Timing = Timing(), policy: Policy = Policy()) -> 
         Panel("Answers not recorded; feedback store up", [(RECORD_LOST, "{{ModelVersion}} lost"),
                                                           (FB_STORE_UP, "store up")], "none", [],
               f"lost answers over {ow}", ("RecordingLost", "FeedbackStoreDown")),
+        Panel("Rollout: each version's share of the default predictions", [
+            ("gateway_rollout_share", "{{ModelVersion}} answers"), ("gateway_rollout_shadow", "{{ModelVersion}} shadowed")],
+              "percentunit", [], "canary split and shadow share (ctl canary / shadow / promote / rollback)"),
+        Panel("Rollout: candidate vs baseline on the same requests", [
+            (ROLLOUT_AGREEMENT, "{{Candidate}} vs {{Baseline}} agreement"),
+            (ROLLOUT_UNCERTAIN, "{{Side}} uncertain"), (ROLLOUT_OOD, "{{Side}} out of distribution")], "percentunit",
+              [], "the recorder's answers of both versions to the same requests; `ctl compare` gives the verdict"),
+        Panel("Shadow: mirrored copies and the candidate's answer time", [
+            (SHADOW_RATE, "{{ModelVersion}} {{outcome}} /s"), (SHADOW_P50, "{{ModelVersion}} p50 s"),
+            (SHADOW_P90, "{{ModelVersion}} p90 s")], "none", [],
+              f"over {ow}; dropped: the candidate did not keep up (clients are not affected)"),
     ]
-    return Monitoring(src, timing, policy, d, reference, quality, service, alerts, panels, feedback_rules)
+    return Monitoring(src, timing, policy, d, reference, quality, service, alerts, panels, feedback_rules, rollout_rules)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -688,6 +720,7 @@ def recording_rules(mon: Monitoring) -> str:
         {"name": f"{m}.quality", "rules": [r.to_yaml() for r in mon.quality_rules]},
         {"name": f"{m}.service", "rules": [r.to_yaml() for r in mon.service_rules]},
         {"name": f"{m}.feedback", "rules": [r.to_yaml() for r in mon.feedback_rules]},
+        {"name": f"{m}.rollout", "rules": [r.to_yaml() for r in mon.rollout_rules]},
     ]
     note = (f"# Windows: model quality {t.window}, service {t.ops_window}, restarts {t.restart_window}, "
             f"labelled feedback {t.feedback_window}.\n")

@@ -10,6 +10,11 @@
     python -m scripts.ops.ctl drift --window 300              # live vs training-time reference, PSI verdict
     python -m scripts.ops.ctl feedback                        # labelled accuracy per version vs the held-out reference
     python -m scripts.ops.ctl export-labelled --out DIR       # the labelled answers as a class-per-folder tree
+    python -m scripts.ops.ctl shadow fashion_cnn 2.0          # a copy of every default prediction to 2.0 (staged)
+    python -m scripts.ops.ctl canary fashion_cnn 2.0 --percent 10   # 10 % of them answered by 2.0
+    python -m scripts.ops.ctl promote fashion_cnn 2.0         # 2.0 answers everything, on every replica
+    python -m scripts.ops.ctl rollback fashion_cnn            # back to the live version (or the one before a promote)
+    python -m scripts.ops.ctl compare fashion_cnn 2.0 [--json]   # both versions on the same requests, and a verdict
 
 Every command reads the keys from key_file.json in --workdir (default: the folder
 of --config, which is where `make serve` starts TorchServe) and, when a key has
@@ -31,7 +36,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from scripts.ops import capacity, drift, feedback
+from scripts.ops import capacity, compare, drift, feedback
 from scripts.ops.capacity import Capacity
 from scripts.ops.tsclient import REPO, ApiError, TorchServeClient, model_store
 
@@ -507,6 +512,64 @@ def feedback_classes(client: TorchServeClient, model: str, items: list[dict]) ->
         return [name for _, name in pairs]
 
 
+# --- gradual rollout (the serving stack's /rollout/<model>: scripts/deploy/traffic.py) ---------------------
+def rollout_call(client: TorchServeClient, method: str, model: str, doc: dict | None = None) -> dict:
+    """GET or PUT /rollout/<model> on the management port; a refusal (4xx with its message) is Refused."""
+    resp = client.request("management", method, f"/rollout/{model}", json=doc, check=False)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code in (200, 202):
+        return body
+    ours = body.get("type") in ("BadRolloutRequest", "UnknownVersion", "RolloutConflict", "VersionNotReady")
+    if resp.status_code in (403, 404) and not ours:  # a TorchServe reached directly, or not our gateway
+        raise Refused("shadow, canary, promote and rollback need the serving stack (make serve): this management "
+                      f"address ({client.endpoints.management}) is not its gateway")
+    if 400 <= resp.status_code < 500:
+        raise Refused(body.get("message") or resp.text[:300])
+    raise ApiError(resp)
+
+
+def format_rollout(state: dict) -> str:
+    live, cand = state["live"], state.get("candidate")
+    if state["mode"] == "shadow":
+        what = (f"{live} answers every request; {cand} gets a mirrored copy of "
+                + ("each" if state["percent"] >= 100 else f"{state['percent']:g} % of them") + " (shadow)")
+    elif state["mode"] == "canary":
+        what = f"{cand} answers {state['percent']:g} % of the default predictions, {live} the rest (canary)"
+    else:
+        what = f"{live} answers every request" + (f" (promoted; rollback returns to {state['previous']})"
+                                                  if state.get("previous") else "")
+    loaded = sorted({v for versions in state.get("replicas", {}).values() for v in versions})
+    return f"{state['model']}: {what}; loaded on every replica: {', '.join(loaded) or '?'}"
+
+
+def cmd_rollout_action(args) -> int:
+    doc = {"action": args.command, "version": getattr(args, "version", None)}
+    if args.command in ("canary", "shadow") and args.percent is not None:
+        doc["percent"] = args.percent
+    state = rollout_call(connect(args), "PUT", args.model, doc)
+    print(format_rollout(state))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    client = connect(args)
+    baseline = args.baseline
+    if baseline is None:
+        state = rollout_call(client, "GET", args.model)
+        baseline = state["previous"] if state["live"] == args.version and state.get("previous") else state["live"]
+    if baseline == args.version:
+        raise Refused(f"{args.version} is the baseline itself; name the candidate (or --baseline)")
+    doc = client.request("management", "GET", f"/feedback/{args.model}/compare",
+                         params={"baseline": baseline, "candidate": args.version, "limit": args.limit}).json()
+    thresholds = compare.Thresholds(min_requests=args.min_requests, min_agreement=args.min_agreement)
+    rep = compare.report(doc, client.metrics_text(), thresholds)
+    print(json.dumps(rep, indent=2) if args.json else compare.render(rep))
+    return 1 if rep["verdict"] == "ROLLBACK" else 0
+
+
 # --- CLI ----------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -580,6 +643,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--include-disputed", action="store_true", help="also answers whose label a later labeller disputed")
     s.set_defaults(func=cmd_export_labelled)
+
+    for name, text in (("shadow", "mirror every default prediction to VERSION (staged: make rollout ROLLOUT_ARGS=--stage)"),
+                       ("canary", "send --percent of the default predictions to VERSION"),
+                       ("promote", "make VERSION the default on every replica, ending a shadow or canary"),
+                       ("rollback", "end a shadow or canary; after a promote, the previous version again")):
+        s = sub.add_parser(name, parents=[common], help=text)
+        s.add_argument("model")
+        if name != "rollback":
+            s.add_argument("version")
+        if name == "canary":
+            s.add_argument("--percent", type=float, required=True, help="the candidate's share, above 0 and below 100")
+        if name == "shadow":
+            s.add_argument("--percent", type=float, default=None,
+                           help="mirror only this share of the default predictions (default: all), to bound the cost")
+        s.set_defaults(func=cmd_rollout_action)
+
+    s = sub.add_parser("compare", parents=[common],
+                       help="VERSION against the live version on the same requests: agreement, flags, confidence, "
+                            "latency, labelled accuracy, verdict (exit 1: ROLLBACK)")
+    s.add_argument("model")
+    s.add_argument("version")
+    s.add_argument("--baseline", default=None, help="default: the live version (the one before a promote, once promoted)")
+    s.add_argument("--limit", type=int, default=100_000, help="the newest compared answers taken at most")
+    s.add_argument("--min-requests", type=int, default=compare.Thresholds.min_requests,
+                   help="fewer compared requests: INSUFFICIENT")
+    s.add_argument("--min-agreement", type=float, default=compare.Thresholds.min_agreement,
+                   help="agreement below this: REVIEW")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_compare)
     return p
 
 

@@ -178,7 +178,7 @@ def test_feedback_routes_check_the_feedback_key_before_the_body_and_export_only_
     assert "error_page 401 = @unauthorized;" in route  # its own error_page drops the server's: JSON 401s kept
     assert "if ($feedback_ok = 0) { return 401; }" in inference
     # the management port (its key, checked for the whole server): the summary and the labelled set
-    assert "(summary|export)$" in management and "X-Feedback-Api management" in management
+    assert "(summary|export|compare)$" in management and "X-Feedback-Api management" in management
     assert "auth_request /_auth/management;" in management
 
 
