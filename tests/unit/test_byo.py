@@ -72,12 +72,12 @@ class Softmaxed(nn.Module):
 
 class Collapsed(nn.Module):
     """A bias that drowns the image's evidence, whatever the input convention (the digits CNN's logits reach
-    +-50 on its inputs' negatives, so a bias of 40 would not)."""
+    +-50 on its inputs' negatives and +-2,500 under the 0-255 convention, so neither 40 nor 1,000 would)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.register_buffer("bias", torch.zeros(10).index_fill_(0, torch.tensor([3]), 1000.0))
+        self.register_buffer("bias", torch.zeros(10).index_fill_(0, torch.tensor([3]), 1e6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x) + self.bias
