@@ -25,73 +25,12 @@ from scripts.byo import archive, folder, propose
 from scripts.byo.features import read_features
 from scripts.train.data import REPO
 from tests.conftest import DATA, make_context, run_batch, write_manifest
+from tests.faulty_models import Collapsed, DropoutOn, Softmaxed, TrainedInverted, TrainedOnUnitRange, Unbatched
 
 SHIPPED = REPO / "models" / "fashion_cnn.pt"
 
 
 # --- models with a fault ------------------------------------------------------------------------------------
-class TrainedOnUnitRange(nn.Module):
-    """Normalises internally: the spec's mean/std is applied twice."""
-
-    def __init__(self, inner, mean: float, std: float):
-        super().__init__()
-        self.inner, self.mean, self.std = inner, mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner((x - self.mean) / self.std)
-
-
-class TrainedInverted(nn.Module):
-    """Trained on dark digits on white: inverts what it gets before the real model sees it."""
-
-    def __init__(self, inner, mean: float, std: float):
-        super().__init__()
-        self.inner, self.mean, self.std = inner, mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner((1.0 - (x * self.std + self.mean) - self.mean) / self.std)
-
-
-class DropoutOn(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.drop = inner, nn.Dropout(0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.drop(x))
-
-
-class Softmaxed(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.inner(x), dim=1)
-
-
-class Collapsed(nn.Module):
-    """A bias that drowns the image's evidence, whatever the input convention (the digits CNN's logits reach
-    +-50 on its inputs' negatives and +-2,500 under the 0-255 convention, so neither 40 nor 1,000 would)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("bias", torch.zeros(10).index_fill_(0, torch.tensor([3]), 1e6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) + self.bias
-
-
-class Unbatched(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.unsqueeze(0))
-
-
 class For16(nn.Module):
     """The digits model behind an average pooling: it takes 16x16 inputs only."""
 
@@ -192,7 +131,8 @@ FAULTS = [
     ("polarity-spec", lambda m: TrainedInverted(m, 0.5, 0.5), True, "channel order and polarity", "'inverted intensities' gives"),
     ("polarity", lambda m: TrainedInverted(m, 0.5, 0.5), False, "channel order and polarity", "your images' negative far better"),
     ("probabilities", Softmaxed, False, "logits", "the outputs are probabilities"),
-    ("collapsed", Collapsed, False, "collapse", "predictions collapse: most frequent prediction class 3"),
+    # a bias of 1e6: the digits CNN's logits reach +-50 on its inputs' negatives and +-2,500 under the 0-255 convention
+    ("collapsed", lambda m: Collapsed(m, 1e6), False, "collapse", "predictions collapse: most frequent prediction class 3"),
     ("unbatched", Unbatched, False, "input shape", "missing batch dimension"),
     ("wrong-size", For16, True, "input shape", "wrong input size: the model runs on 16x16 inputs, the spec says 8x8"),
 ]

@@ -18,73 +18,10 @@ from handler.loader import read_model
 from scripts.diagnose import doctor
 from scripts.train.data import REPO
 from tests.conftest import DATA
+from tests.faulty_models import Collapsed, DropoutOn, Softmaxed, TrainedInverted, TrainedOnUnitRange, Unbatched
 
 SHIPPED = REPO / "models" / "fashion_cnn.pt"
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"dataset not found at {DATA}")
-
-
-class TrainedOnUnitRange(nn.Module):
-    """Trained on pixels in [0, 1]: normalises internally, so the spec's mean/std is applied twice."""
-
-    def __init__(self, inner, mean: float, std: float):
-        super().__init__()
-        self.inner, self.mean, self.std = inner, mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner((x - self.mean) / self.std)
-
-
-class TrainedInverted(nn.Module):
-    """Trained on dark garments on white: inverts what it is given before the real model sees it."""
-
-    def __init__(self, inner, mean: float, std: float):
-        super().__init__()
-        self.inner, self.mean, self.std = inner, mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pixels = x * self.std + self.mean
-        return self.inner((1.0 - pixels - self.mean) / self.std)
-
-
-class DropoutOn(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.drop = inner, nn.Dropout(0.3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(self.drop(x))
-
-
-class Softmaxed(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.inner(x), dim=1)
-
-
-class Collapsed(nn.Module):
-    """A classifier whose bias drowns the image's evidence: class 3 for everything."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("bias", torch.zeros(10).index_fill_(0, torch.tensor([3]), 40.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) + self.bias
-
-
-class Unbatched(nn.Module):
-    """Written for one (C, H, W) image: adds the batch dimension itself."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.unsqueeze(0))
 
 
 class For32(nn.Module):
