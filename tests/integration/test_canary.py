@@ -23,7 +23,6 @@ import signal
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from scripts.deploy.harness import REPO
 from scripts.ops import ctl
 from scripts.ops.tsclient import parse_prometheus
 from tests.conftest import run_batch, shipped_handler
+from tests.integration import load
 from tests.integration.stack import running_stack
 
 MODEL = "fashion_cnn"
@@ -49,58 +49,21 @@ def png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@dataclass
-class Answer:
-    sent: float
-    done: float
-    status: int | None
-    version: str | None
-    error: str | None = None
-
-
-class Load:
-    """``threads`` clients sending the example image through the gateway back to back until stopped."""
+class Load(load.Load):
+    """``threads`` clients sending the example image through the gateway."""
 
     def __init__(self, stack, threads: int, limit_s: float = 240.0):
-        self.stack, self.limit_s = stack, limit_s
-        self.answers: list[Answer] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+        super().__init__(threads, limit_s)
+        self.stack = stack
         self.body = (REPO / "examples" / "ankle_boot.png").read_bytes()
 
-    def run(self) -> None:
+    def connect(self):
         session = requests.Session()
-        headers = {"Authorization": f"Bearer {self.stack.key()}"}
-        deadline = time.monotonic() + self.limit_s
-        while not self.stopping.is_set() and time.monotonic() < deadline:
-            sent = time.monotonic()
-            try:
-                resp = session.post(f"{self.stack.inference}/predictions/{MODEL}", data=self.body, headers=headers,
-                                    timeout=60)
-                answer = Answer(sent, time.monotonic(), resp.status_code, resp.headers.get("X-Model-Version"),
-                                None if resp.status_code == 200 else resp.text[:200])
-            except Exception as exc:  # a dropped connection is a failed request too
-                answer = Answer(sent, time.monotonic(), None, None, repr(exc))
-            with self.lock:
-                self.answers.append(answer)
+        session.headers["Authorization"] = f"Bearer {self.stack.key()}"
+        return session
 
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self.threads)
-
-    def failures(self) -> list[Answer]:
-        return [a for a in self.answers if a.status != 200]
-
-    def between(self, start: float, end: float) -> list[Answer]:
-        return [a for a in self.answers if start <= a.sent and a.done <= end]
+    def send(self, session):
+        return session.post(f"{self.stack.inference}/predictions/{MODEL}", data=self.body, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ with when the request was sent. Two routes are checked:
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass
 
 import yaml
 
@@ -24,63 +22,26 @@ from scripts.deploy.harness import REPO, make_server, make_two_version_server
 from scripts.ops import ctl
 from scripts.ops.tsclient import TorchServeClient
 from tests.conftest import SHIPPED_VIEWS
+from tests.integration import load
 
 MODEL = "fashion_cnn"
 BOOT = (REPO / "examples" / "ankle_boot.png").read_bytes()
 V2_TTA = ["identity", "hflip", "shift(1,0)", "shift(-1,0)"]
 
 
-@dataclass
-class Answer:
-    sent: float
-    done: float
-    status: int | None
-    version: str | None
-    tta_views: int | None
-    error: str | None = None
-
-
-class Load:
-    """``threads`` clients sending the example image back to back until stopped (at most ``limit_s``)."""
+class Load(load.Load):
+    """``threads`` clients sending the example image straight to TorchServe, every view (``tta_views`` shows the
+    policy that answered)."""
 
     def __init__(self, srv, threads: int = 3, limit_s: float = 240.0):
-        self.srv, self.limit_s = srv, limit_s
-        self.answers: list[Answer] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
+        super().__init__(threads, limit_s)
+        self.srv = srv
 
-    def run(self) -> None:
-        client = TorchServeClient.from_config(self.srv.config, self.srv.workdir, timeout=60)
-        deadline = time.monotonic() + self.limit_s
-        while not self.stopping.is_set() and time.monotonic() < deadline:
-            sent = time.monotonic()
-            try:
-                resp = client.predict(MODEL, BOOT, headers={"X-TTA": "all"}, check=False)  # every view: tta_views shows the policy
-                body = resp.json() if resp.status_code == 200 else {}
-                answer = Answer(sent, time.monotonic(), resp.status_code, resp.headers.get("X-Model-Version"),
-                                body.get("tta_views"), None if resp.status_code == 200 else resp.text[:200])
-            except Exception as exc:  # a dropped connection is a failed request too
-                answer = Answer(sent, time.monotonic(), None, None, None, repr(exc))
-            with self.lock:
-                self.answers.append(answer)
+    def connect(self):
+        return TorchServeClient.from_config(self.srv.config, self.srv.workdir, timeout=60)
 
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        for t in self.threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self.threads)
-
-    def failures(self) -> list[Answer]:
-        return [a for a in self.answers if a.status != 200]
-
-    def sent_between(self, start: float, end: float) -> list[Answer]:
-        return [a for a in self.answers if start <= a.sent and a.done <= end]
+    def send(self, client):
+        return client.predict(MODEL, BOOT, headers={"X-TTA": "all"}, check=False)
 
 
 def connection(srv) -> list[str]:
@@ -112,12 +73,12 @@ def test_rollout_registers_switches_and_retires_without_a_failed_request(tmp_pat
         assert code == 0
 
         assert load.failures() == [], load.failures()[:5]
-        before = load.sent_between(0, started)
-        after = load.sent_between(finished, float("inf"))
+        before = load.between(0, started)
+        after = load.between(finished, float("inf"))
         assert len(before) >= 10 and len(after) >= 10, (len(before), len(after))
         assert {(a.version, a.tta_views) for a in before} == {("1.0", SHIPPED_VIEWS)}
         assert {(a.version, a.tta_views) for a in after} == {("2.0", 4)}
-        during = {a.version for a in load.sent_between(started, finished)}
+        during = {a.version for a in load.between(started, finished)}
         assert during <= {"1.0", "2.0"} and len(load.answers) > len(before) + len(after)
 
         # v1 retired; the new archive sits in the store beside the untouched old one
@@ -150,7 +111,7 @@ def test_switch_and_rollback_with_the_model_api_off(tmp_path_factory, capsys):
             t3 = time.monotonic()
             time.sleep(2)
         assert load.failures() == [], load.failures()[:5]
-        windows = [load.sent_between(0, t0), load.sent_between(t1, t2), load.sent_between(t3, float("inf"))]
+        windows = [load.between(0, t0), load.between(t1, t2), load.between(t3, float("inf"))]
         assert [{a.version for a in w} for w in windows] == [{"1.0"}, {"2.0"}, {"1.0"}]
         assert all(len(w) >= 5 for w in windows), [len(w) for w in windows]
 
