@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import psutil
 
 from scripts.bench.gateway import GatewayTarget
 from scripts.bench.protocols import hey_load
+from scripts.bench.report import replace_section
 from scripts.bench.run import ensure_hey, machine
 from scripts.deploy.harness import REPO
 
@@ -150,12 +150,7 @@ def main(args: argparse.Namespace) -> dict:
     report = run(args)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     section = markdown(report)
-    text = args.markdown.read_text() if args.markdown.exists() else ""
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, section)
     print(section)
     return report
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from scripts.bench.drive import GatewayTarget
 from scripts.bench.protocols import hey_load
+from scripts.bench.report import replace_section
 from scripts.bench.run import ensure_hey, machine
 from scripts.deploy.harness import REPO, V2_ARCHIVE, build_store
 from scripts.ops.compare import shadow_figures
@@ -157,12 +157,7 @@ def main(args: argparse.Namespace) -> dict:
         report = run(args)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     section = markdown(report)
-    text = args.markdown.read_text() if args.markdown.exists() else ""
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    args.markdown.write_text(text)
+    replace_section(args.markdown, section)
     print(section)
     return report
 
