@@ -58,6 +58,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from handler.record import FLAGS, NOT_A_GARMENT, flag
+from scripts.ops.feedback import wilson
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MAX_ITEMS = 1000  # labels in one POST
@@ -217,17 +218,6 @@ def parse_body(doc) -> list[Label]:
 
 
 # --- statistics the summary shows ---------------------------------------------------------------------------------
-def wilson(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
-    """The Wilson score interval (95 % by default) of a proportion; None without samples."""
-    if n <= 0:
-        return None
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 def figures(labelled: int, correct: int) -> dict:
     return {"labelled": labelled, "correct": correct,
             "accuracy": round(correct / labelled, 6) if labelled else None, "interval": wilson(correct, labelled)}

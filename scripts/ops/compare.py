@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from scripts.ops import drift
+from scripts.ops.feedback import wilson
 from scripts.ops.tsclient import parse_prometheus
 
 VERDICTS = ("PROMOTE", "INSUFFICIENT", "REVIEW", "ROLLBACK")  # worst last
@@ -39,16 +40,6 @@ class Thresholds:
     max_failures: float = 0.01
     max_latency_ratio: float = 1.5
     min_batches: int = 100  # handled batches each version needs before its latency is judged (bucketed estimates)
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> list[float] | None:
-    if n <= 0:
-        return None
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def mcnemar_z(worse: int, better: int) -> float:

@@ -34,6 +34,17 @@ Z = 3.09  # one-sided, alpha = 0.001
 MIN_EXPECTED_ERRORS = 10
 
 
+def wilson(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson score interval (95 % by default) of a proportion; None without samples."""
+    if n <= 0:
+        return None
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
 def counts_by_flag(version_summary: dict) -> dict[str, tuple[int, int]]:
     """(labelled, correct) per flag from one version of the recorder's summary."""
     return {f: (int(v["labelled"]), int(v["correct"])) for f, v in version_summary.get("by_flag", {}).items()}
